@@ -1,0 +1,203 @@
+"""Fast adaptation: the inner loop shared by test-time adaptation and meta-training.
+
+The loss is the in-context loss over a task's demonstrations: each demonstration becomes the
+query with a few others as its context, and only its output tokens are scored. Parameters
+live in dicts applied with `functional_call`, so the very same `inner_loop` runs
+
+- at test time (order=0): plain steps, no graph kept;
+- in FOMAML (order=1): the adapted parameters stay a function of the initial ones, but the
+  inner gradients are treated as constants;
+- in MAML-en-LLM (order=2): `create_graph=True`, the meta-gradient flows through every inner step.
+
+The update is Adam written functionally; its moments live in an `AdamState` that meta-training
+may share with the outer optimizer (the MAML-en-LLM recipe) or keep apart.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.lm import LM, Params
+from model.prompts import Formatter, Row
+from model.scoring import pad
+from model.task import Example, Task
+
+Episode = list[tuple[list[Example], Example]]  # (context demonstrations, query) pairs: one batch
+
+
+@dataclass
+class AdamState:
+    """Adam's moments for one parameter space; `t` counts the steps taken with them."""
+
+    m: Params = field(default_factory=dict)
+    v: Params = field(default_factory=dict)
+    t: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def detached(self) -> AdamState:
+        return AdamState({k: x.detach() for k, x in self.m.items()}, {k: x.detach() for k, x in self.v.items()},
+                         self.t, self.betas, self.eps)
+
+
+def adam_update(params: Params, grads: Mapping[str, Tensor], state: AdamState, lr: float) -> tuple[Params, AdamState]:
+    """One Adam step as a pure function of its inputs (differentiable when grads carry a graph)."""
+    b1, b2 = state.betas
+    t = state.t + 1
+    m, v, new = {}, {}, {}
+    for k, p in params.items():
+        g = grads[k]
+        m[k] = b1 * state.m[k] + (1 - b1) * g if k in state.m else (1 - b1) * g
+        v[k] = b2 * state.v[k] + (1 - b2) * g * g if k in state.v else (1 - b2) * g * g
+        m_hat, v_hat = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
+        # eps inside the root keeps its derivative finite where v is 0 (LoRA's A at B=0)
+        new[k] = p - lr * m_hat / ((v_hat + state.eps**2).sqrt() + state.eps)
+    return new, AdamState(m, v, t, state.betas, state.eps)
+
+
+def sequences(fmt: Formatter, instruction: str | None, episode: Episode) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Token ids of each (context, query) pair and the [start, end) span of its target."""
+    seqs, spans = [], []
+    for ctx_demos, query in episode:
+        row = fmt.row(query.input, query.output)
+        prefix, _ = fmt.prefix(instruction, ctx_demos, len(row.ctx) + len(row.target))
+        ids = prefix + row.ctx + row.target
+        seqs.append(ids)
+        spans.append((len(ids) - len(row.target), len(ids)))
+    return seqs, spans
+
+
+def icl_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, instruction: str | None, episode: Episode) -> Tensor:
+    """Mean cross-entropy over the target tokens of every query in the episode (MetaICL's loss)."""
+    seqs, spans = sequences(fmt, instruction, episode)
+    ids, mask = pad(seqs, lm.eos_id, lm.device)
+    labels = torch.full_like(ids, -100)
+    for i, (a, b) in enumerate(spans):
+        labels[i, a:b] = ids[i, a:b]
+    logits = lm(params, input_ids=ids, attention_mask=mask).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def support_episodes(demos: Sequence[Example], steps: int, batch_size: int, context_demos: int, rng: random.Random) -> list[Episode]:
+    """Per step, `batch_size` demonstrations as queries (cycling so each is used), each with up to
+    `context_demos` of the others, drawn at random, as its context."""
+    order: list[int] = []
+    episodes = []
+    for _ in range(steps):
+        batch = []
+        for _ in range(min(batch_size, len(demos))):
+            if not order:
+                order = rng.sample(range(len(demos)), len(demos))
+            i = order.pop()
+            others = [d for j, d in enumerate(demos) if j != i]
+            batch.append((rng.sample(others, min(context_demos, len(others))), demos[i]))
+        episodes.append(batch)
+    return episodes
+
+
+def inner_loop(
+    lm: LM,
+    fixed: Mapping[str, Tensor],
+    trainable: Params,
+    fmt: Formatter,
+    instruction: str | None,
+    episodes: Sequence[Episode],
+    lr: float,
+    state: AdamState | None = None,
+    order: int = 0,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> tuple[Params, AdamState, list[float]]:
+    """Adapt `trainable` (on top of `fixed` overrides) with one Adam step per episode.
+
+    order 0: test time (each step starts from detached leaves); 1: first-order; 2: second-order.
+    """
+    state = state or AdamState()
+    losses = []
+    for i, ep in enumerate(episodes):
+        if order == 0:
+            trainable = {k: p.detach().requires_grad_() for k, p in trainable.items()}
+        loss = icl_loss(lm, {**fixed, **trainable}, fmt, instruction, ep)
+        grads = torch.autograd.grad(loss, list(trainable.values()), create_graph=order == 2, allow_unused=True)
+        grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(trainable.items(), grads)}
+        if order < 2:
+            grads = {k: g.detach() for k, g in grads.items()}
+        trainable, state = adam_update(trainable, grads, state, lr)
+        losses.append(loss.item())
+        if on_step:
+            on_step(i + 1, len(episodes), losses[-1])
+    if order == 0:
+        trainable = {k: p.detach() for k, p in trainable.items()}
+        state = state.detached()
+    return trainable, state, losses
+
+
+@dataclass
+class Adapted:
+    mode: str  # lora | full
+    params: Params  # lora: the adapted LoRA weights; full: the adapted full weights
+    loss_before: float
+    loss_after: float
+    losses: list[float]
+    state: AdamState
+
+    def delta(self, start: Mapping[str, Tensor]) -> Params:
+        """Full mode: adapted minus starting weights (what is stored)."""
+        return {k: (p - start[k]).contiguous() for k, p in self.params.items()}
+
+
+def start_params(lm: LM, mode: str, start: Mapping[str, Tensor] | None = None, seed: int = 0) -> tuple[Params, Params]:
+    """(fixed, trainable) for a mode: trainable is taken from `start` (a checkpoint) where it has it."""
+    start = dict(start or {})
+    names = lm.lora_names if mode == "lora" else lm.full_names
+    if mode == "lora":
+        init = lm.lora_init(seed)
+        trainable = {n: start.get(n, init[n]) for n in names}
+    elif mode == "full":
+        own = lm.params("full")
+        trainable = {n: start.get(n, own[n]) for n in names}
+    else:
+        raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
+    fixed = {k: v for k, v in start.items() if k not in trainable}
+    return fixed, trainable
+
+
+@torch.no_grad()
+def support_loss(lm: LM, params: Mapping[str, Tensor], fmt: Formatter, task: Task, context_demos: int, seed: int, n: int = 8) -> float:
+    """The in-context loss on a fixed set of up to n leave-one-out queries (for before/after reports)."""
+    rng = random.Random(seed + 1)
+    (episode,) = support_episodes(task.demonstrations, 1, n, context_demos, rng)
+    return icl_loss(lm, params, fmt, task.instruction, episode).item()
+
+
+def adapt(
+    lm: LM,
+    task: Task,
+    mode: str = "lora",
+    steps: int = 5,
+    lr: float = 1e-3,
+    start: Mapping[str, Tensor] | None = None,
+    state: AdamState | None = None,
+    seed: int = 0,
+    batch_size: int = 4,
+    context_demos: int = 4,
+    fmt: Formatter | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> Adapted:
+    """Adapt to a task's demonstrations with `steps` inner steps in `mode` ("lora" or "full").
+
+    `start` holds parameter overrides to begin from (a meta-trained checkpoint's LoRA init or
+    full weights); `state` its Adam moments, when it shares them.
+    """
+    fmt = fmt or Formatter(lm.encode)
+    fixed, trainable = start_params(lm, mode, start, seed)
+    before = support_loss(lm, {**fixed, **trainable}, fmt, task, context_demos, seed)
+    episodes = support_episodes(task.demonstrations, steps, batch_size, context_demos, random.Random(seed))
+    trainable, state, losses = inner_loop(lm, fixed, trainable, fmt, task.instruction, episodes, lr, state, 0, on_step)
+    after = support_loss(lm, {**fixed, **trainable}, fmt, task, context_demos, seed)
+    return Adapted(mode, trainable, before, after, losses, state)

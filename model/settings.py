@@ -1,0 +1,66 @@
+"""The one settings object of mamlserve: every knob, read from env vars prefixed MAMLSERVE_.
+
+model/ reads only the model-side fields; app/ and worker/ read the rest. Lists are given
+as JSON in the environment (MAMLSERVE_LORA_TARGETS='["q_proj","v_proj"]').
+"""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MAMLSERVE_", env_file=".env", extra="ignore")
+
+    # --- where things live
+    data_dir: Path = Field(Path.home() / ".cache" / "mamlserve", description="models, bank, checkpoints, weights")
+
+    # --- base model: "smollm2" (embedded), "tiny" (random, for tests), a HF folder or a .gguf file
+    base_model: str = "smollm2"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    # --- task limits (validated on every task; 422 names the field and the limit)
+    max_demonstrations: int = 64
+    max_options: int = 32
+    max_text_tokens: int = 256  # per input / output / option / instruction
+    max_text_chars: int = 4000  # cheap guard before tokenizing
+    context_tokens: int = 1024  # prompt budget; demonstrations are dropped first to fit
+    max_new_tokens: int = 32  # generation tasks
+
+    # --- prompt
+    prompt_format: str = "direct"  # direct | channel (MetaICL)
+
+    # --- LoRA space (one config for adaptation and meta-training)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] = ["q_proj", "v_proj"]
+
+    # --- test-time adaptation defaults (the same inner loop as meta-training)
+    adapt_mode: str = "lora"  # lora | full | none
+    adapt_steps: int = 5
+    adapt_lr_lora: float = 1e-3
+    adapt_lr_full: float = 1e-5
+    adapt_batch_size: int = 4  # queries per inner step
+    adapt_context_demos: int = 4  # other demonstrations placed in context of each query
+    adapt_max_steps: int = 50
+
+    # --- service (app/ and worker/)
+    env: str = "development"  # development | production
+    redis_url: str = "redis://127.0.0.1:6379/0"  # broker, results, task records (noeviction, AOF)
+    cache_redis_url: str = "redis://127.0.0.1:6380/0"  # adapted weights (allkeys-lru)
+    weights_ttl_s: int = 7 * 24 * 3600
+    worker_lru_size: int = 8
+    api_keys: dict[str, str] = {"dev-key": "dev"}  # key -> tenant
+    admin_key: str = "dev-admin-key"
+    max_request_bytes: int = 1_000_000
+    max_predict_inputs: int = 64
+    predict_wait_max_s: float = 60.0
+    adapt_time_limit_s: int = 1800
+    meta_train_time_limit_s: int = 6 * 3600
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
