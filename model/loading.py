@@ -18,6 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig  # noqa: E402
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
 from model.lm import LM, LoraSpec  # noqa: E402
 
@@ -146,10 +147,16 @@ def load_lm(
     folder = model_folder(spec, data_dir)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        if config.architectures and not causal.intersection(config.architectures):
+            raise ValueError(f"its architectures {config.architectures} have no causal LM head")
         model = AutoModelForCausalLM.from_pretrained(
             folder, config=config, dtype=dtype, local_files_only=True, attn_implementation=attn
         )
     except ValueError as e:  # transformers says "Unrecognized configuration class ..." for non-causal models
         raise ModelLoadError(f"{folder} is not a causal language model: {e}") from e
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return LM.wrap(model.to(dev).eval(), tok, name=spec, sha256=model_hash(folder), lora=lora)
+    try:
+        return LM.wrap(model.to(dev).eval(), tok, name=spec, sha256=model_hash(folder), lora=lora)
+    except ValueError as e:  # peft: the target modules are not in this architecture
+        raise ModelLoadError(f"LoRA targets {list(lora.targets)} do not fit {folder}: {e}") from e

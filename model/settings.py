@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     predict_wait_max_s: float = 60.0
     adapt_time_limit_s: int = 1800
     meta_train_time_limit_s: int = 6 * 3600
+    # appended for the service (issue 4)
+    visibility_timeout_s: int = 0  # broker redelivery of unacked tasks; 0: the longest hard time limit + 10 min
+    predict_timeout_s: float = 300.0  # how long /predict waits for the worker (a re-adaptation included)
 
 
 @lru_cache

@@ -75,7 +75,7 @@ def _check_options(options: list[str] | None, info: ValidationInfo) -> list[str]
     for i, o in enumerate(options):
         _check_text(o, f"option {i}", info)
         if o in seen:
-            raise PydanticCustomError("duplicate_option", "option {option!r} is given twice", {"option": o})
+            raise PydanticCustomError("duplicate_option", "option {option} is given twice", {"option": repr(o)})
         seen.add(o)
     return options
 
@@ -103,8 +103,8 @@ class Example(BaseModel):
     def _output_in_own_options(self) -> Example:
         if self.options is not None and self.output not in self.options:
             raise PydanticCustomError(
-                "output_not_an_option", "output {output!r} is not one of the options {options}",
-                {"output": self.output, "options": self.options},
+                "output_not_an_option", "output {output} is not one of the options {options}",
+                {"output": repr(self.output), "options": self.options},
             )
         return self
 
@@ -171,8 +171,8 @@ class Task(BaseModel):
             if d.options is None and d.output not in self.options:
                 raise PydanticCustomError(
                     "output_not_an_option",
-                    "demonstrations[{i}].output {output!r} is not one of the options {options}",
-                    {"i": i, "output": d.output, "options": self.options},
+                    "demonstrations[{i}].output {output} is not one of the options {options}",
+                    {"i": i, "output": repr(d.output), "options": self.options},
                 )
         return self
 

@@ -1,0 +1,60 @@
+"""Seconds to adapt SmolLM2 to a 16-demonstration task with 5 inner steps, LoRA and full, in one run.
+
+The inner steps are the service's defaults (batch of 4 leave-one-out queries, 4 context
+demonstrations each); the support loss before/after is printed so a fast-but-useless run
+shows. Goal: LoRA <= 30 s on 2 CPU cores, <= 1 s on a CUDA device.
+
+    python bench/adapt_latency.py [--model smollm2] [--steps 5] [--device auto]
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from model.adapt import adapt
+from model.loading import load_lm
+from model.settings import get_settings
+from model.task import Example, Task
+
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "topics.json"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    s = get_settings()
+
+    data = json.loads(FIXTURE.read_text())
+    demos = [Example(**e) for e in data["examples"]][:: max(1, 30 // args.shots)][: args.shots]
+    task = Task(demonstrations=demos, instruction=data["instruction"], options=data["options"])
+    lm = load_lm(args.model, s.data_dir, device=args.device)
+    adapt(lm, task, "lora", steps=1, lr=s.adapt_lr_lora)  # warm-up (allocator, kernels)
+
+    out = {"model": args.model, "device": str(lm.device), "threads": torch.get_num_threads(), "steps": args.steps}
+    for mode, lr in (("lora", s.adapt_lr_lora), ("full", s.adapt_lr_full)):
+        sync(lm.device)
+        t0 = time.perf_counter()
+        a = adapt(lm, task, mode, steps=args.steps, lr=lr, batch_size=s.adapt_batch_size, context_demos=s.adapt_context_demos)
+        sync(lm.device)
+        dt = time.perf_counter() - t0
+        print(f"{mode}: {dt:.2f} s, support loss {a.loss_before:.3f} -> {a.loss_after:.3f}")
+        out[f"{mode}_s"] = round(dt, 3)
+        out[f"{mode}_loss"] = [round(a.loss_before, 4), round(a.loss_after, 4)]
+    out["full_over_lora"] = round(out["full_s"] / out["lora_s"], 2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+import random
+
+import pytest
+import torch
+
+from model.adapt import AdamState, adam_update, adapt, icl_loss, inner_loop, start_params, support_episodes
+from model.prompts import Formatter
+from model.scoring import predict
+
+from helpers import sentiment_task, tiny_lm
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm()
+
+
+@pytest.mark.parametrize("mode,lr", [("lora", 2e-2), ("full", 3e-3)])
+def test_adaptation_lowers_support_loss(lm, mode, lr):
+    task = sentiment_task()
+    before = {k: v.clone() for k, v in lm.params("full").items()}
+    a = adapt(lm, task, mode, steps=8, lr=lr, seed=1)
+    assert a.loss_after < a.loss_before - 0.1, (a.loss_before, a.loss_after)
+    assert len(a.losses) == 8 and set(a.params) == set(lm.lora_names if mode == "lora" else lm.full_names)
+    # the loaded module is never mutated: every task's weights are overrides
+    assert all(torch.equal(before[k], v) for k, v in lm.params("full").items())
+
+
+def test_full_adaptation_learns_the_labels(lm):
+    """Enough full steps on the tiny model make it answer its own demonstrations correctly."""
+    task = sentiment_task()
+    queries = task.demonstrations
+    shown = task.model_copy(update={"demonstrations": queries[:2]})  # the context it was trained with
+    a = adapt(lm, task, "full", steps=40, lr=1e-2, batch_size=8, context_demos=2)
+    right = lambda preds: sum(p.output == q.output for p, q in zip(preds, queries))  # noqa: E731
+    assert right(predict(lm, shown, queries)) <= 6  # the random model is at chance
+    assert right(predict(lm, shown, queries, params=a.params)) >= 9
+
+
+def test_support_episodes_cover_every_demonstration_and_never_leak_the_query():
+    demos = sentiment_task().demonstrations
+    eps = support_episodes(demos, steps=5, batch_size=4, context_demos=3, rng=random.Random(0))
+    queries = [q for ep in eps for _, q in ep]
+    assert {q.input for q in queries[:10]} == {d.input for d in demos}  # a full cycle first
+    for ep in eps:
+        for ctx, q in ep:
+            assert q not in ctx and len(ctx) == 3
+
+
+def test_adam_update_matches_torch_adam():
+    p = torch.randn(5, requires_grad=True)
+    opt = torch.optim.Adam([p], lr=0.1, eps=1e-8)
+    ours, state = {"p": p.detach().clone()}, AdamState()
+    for _ in range(3):
+        g = torch.randn(5)
+        p.grad = g.clone()
+        opt.step()
+        ours, state = adam_update(ours, {"p": g}, state, 0.1)
+    assert torch.allclose(ours["p"], p.detach(), atol=1e-6)
+
+
+def meta_grad(lm, order: int):
+    task = sentiment_task()
+    fmt = Formatter(lm.encode)
+    fixed, lora = start_params(lm, "lora", seed=0)
+    g = torch.Generator().manual_seed(0)
+    # B starts at zero, which gives A no gradient in the first step: perturb it
+    init = {k: (v + 0.05 * torch.randn(v.shape, generator=g)).requires_grad_() for k, v in lora.items()}
+    eps = support_episodes(task.demonstrations[:6], 2, 3, 2, random.Random(0))
+    adapted, _, _ = inner_loop(lm, fixed, dict(init), fmt, None, eps, 1e-2, order=order)
+    query = [(task.demonstrations[:2], task.demonstrations[7])]
+    loss = icl_loss(lm, adapted, fmt, None, query)
+    grads = torch.autograd.grad(loss, list(init.values()))
+    return torch.cat([x.flatten() for x in grads]), adapted, query, fmt
+
+
+def test_second_order_meta_gradient_differs_from_first_order(lm):
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        g1, adapted, query, fmt = meta_grad(lm, order=1)
+        g2, _, _, _ = meta_grad(lm, order=2)
+    assert torch.isfinite(g2).all() and g1.norm() > 0
+    rel = ((g2 - g1).norm() / g1.norm()).item()
+    assert rel > 1e-3, rel
+    # first order: the meta-gradient is exactly the query gradient at the adapted parameters
+    leaves = {k: v.detach().requires_grad_() for k, v in adapted.items()}
+    direct = torch.autograd.grad(icl_loss(lm, leaves, fmt, None, query), list(leaves.values()))
+    assert torch.allclose(g1, torch.cat([x.flatten() for x in direct]), atol=1e-6)

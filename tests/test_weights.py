@@ -1,0 +1,67 @@
+import io
+import json
+import zipfile
+
+import pytest
+import torch
+from peft import PeftModel
+
+from model.adapt import adapt
+from model.tiny import tiny_model
+from model.weights import export_peft, from_bytes, import_peft, load, peft_zip, save, to_bytes
+
+from helpers import sentiment_task, tiny_lm
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm()
+
+
+@pytest.fixture(scope="module")
+def lora(lm):
+    return adapt(lm, sentiment_task(), "lora", steps=4, lr=2e-2).params
+
+
+def test_peft_export_import_round_trip_reproduces_logits_exactly(lm, lora, tmp_path):
+    x = torch.tensor([lm.encode("the movie was great\npositive")])
+    ours = lm(lora, input_ids=x).logits
+    export_peft(lm, lora, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    # plain peft, on a fresh copy of the base: the standard way a user loads it
+    theirs = PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter").eval()(input_ids=x).logits
+    assert torch.equal(ours, theirs)
+    back = import_peft(lm, tmp_path / "adapter")
+    assert torch.equal(lm(back, input_ids=x).logits, ours)
+    assert not torch.equal(ours, lm(None, input_ids=x).logits)  # the adapter does change the model
+
+
+def test_safetensors_bytes_and_file_round_trip_exactly(lm, lora, tmp_path):
+    back = from_bytes(to_bytes(lora, {"task": "t1"}))
+    assert back.keys() == lora.keys() and all(torch.equal(back[k], lora[k]) for k in lora)
+    save(lora, tmp_path / "w.safetensors")
+    again = load(tmp_path / "w.safetensors")
+    assert all(torch.equal(again[k], lora[k]) for k in lora)
+    assert not to_bytes(lora).startswith(b"\x80")  # no pickle
+
+
+def test_full_mode_delta_restores_the_adapted_weights(lm):
+    start = lm.params("full")
+    a = adapt(lm, sentiment_task(), "full", steps=2, lr=1e-3)
+    delta = from_bytes(to_bytes(a.delta(start)))
+    assert set(delta) == set(lm.full_names)
+    restored = {k: start[k] + delta[k] for k in delta}
+    assert all(torch.allclose(restored[k], a.params[k], atol=1e-7) for k in delta)
+
+
+def test_peft_zip_holds_a_loadable_adapter(lm, lora, tmp_path):
+    with zipfile.ZipFile(io.BytesIO(peft_zip(lm, lora))) as z:
+        assert sorted(z.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+        z.extractall(tmp_path)
+    assert all(torch.equal(v, lora[k]) for k, v in import_peft(lm, tmp_path).items())
+
+
+def test_import_rejects_a_mismatched_adapter(lm, lora, tmp_path):
+    export_peft(lm, {k: v for k, v in lora.items() if "layers.0." in k}, tmp_path)
+    with pytest.raises(ValueError, match="does not match the model's LoRA layout"):
+        import_peft(lm, tmp_path)
