@@ -40,7 +40,8 @@ def main() -> None:
     demos = [Example(**e) for e in data["examples"]][:: max(1, 30 // args.shots)][: args.shots]
     task = Task(demonstrations=demos, instruction=data["instruction"], options=data["options"])
     lm = load_lm(args.model, s.data_dir, device=args.device)
-    adapt(lm, task, "lora", steps=1, lr=s.adapt_lr_lora)  # warm-up (allocator, kernels)
+    for mode in ("lora", "full"):  # warm-up: allocator, kernels, first-use library loads
+        adapt(lm, task, mode, steps=1, lr=s.adapt_lr_lora)
 
     out = {"model": args.model, "device": str(lm.device), "threads": torch.get_num_threads(), "steps": args.steps}
     for mode, lr in (("lora", s.adapt_lr_lora), ("full", s.adapt_lr_full)):

@@ -152,7 +152,10 @@ class Adapted:
 
 
 def start_params(lm: LM, mode: str, start: Mapping[str, Tensor] | None = None, seed: int = 0) -> tuple[Params, Params]:
-    """(fixed, trainable) for a mode: trainable is taken from `start` (a checkpoint) where it has it."""
+    """(fixed, trainable) for a mode: trainable is taken from `start` (a checkpoint) where it has it.
+
+    Trainable parameters are fp32 masters even on a bf16 model (autocast casts them for compute).
+    """
     start = dict(start or {})
     names = lm.lora_names if mode == "lora" else lm.full_names
     if mode == "lora":
@@ -164,7 +167,7 @@ def start_params(lm: LM, mode: str, start: Mapping[str, Tensor] | None = None, s
     else:
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
     fixed = {k: v for k, v in start.items() if k not in trainable}
-    return fixed, trainable
+    return fixed, {k: v.float() for k, v in trainable.items()}
 
 
 @torch.no_grad()

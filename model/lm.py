@@ -94,7 +94,11 @@ class LM:
 
     # --- running
     def __call__(self, params: Mapping[str, Tensor] | None = None, **kwargs):
-        """Forward with `params` overriding the module's parameters (None: the module as loaded)."""
-        if not params:
-            return self.model(**kwargs)
-        return functional_call(self.model, dict(params), args=(), kwargs=kwargs, strict=False)
+        """Forward with `params` overriding the module's parameters (None: the module as loaded).
+
+        On CUDA under bf16 autocast (fp32 weights); on CPU in fp32.
+        """
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            if not params:
+                return self.model(**kwargs)
+            return functional_call(self.model, dict(params), args=(), kwargs=kwargs, strict=False)

@@ -129,13 +129,17 @@ def load_lm(
     device: str = "auto",
     lora: LoraSpec | None = None,
     attn: str = "sdpa",
+    dtype: torch.dtype | None = None,
 ) -> LM:
     """Load `spec` ("smollm2", "tiny", a HF folder or a .gguf file) as an LM: fp32 on CPU, bf16 on CUDA.
 
+    On CUDA the forward runs under bf16 autocast, and the parameters being trained are fp32
+    masters (see `adapt.start_params`): small steps would round away in bf16 weights. On this
+    CPU bf16 is 7-20x slower than fp32. `dtype` overrides the choice (e.g. fp32 on CUDA).
     attn="eager" gives attention with a double backward everywhere (second-order MAML on CPU).
     """
     dev = resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     lora = lora or LoraSpec()
     if spec == TINY:
         from model.tiny import tiny_model, tiny_tokenizer
