@@ -1,0 +1,174 @@
+"""The bank on disk: one folder per task (task.json + train/dev/test.jsonl), a manifest, settings.
+
+Layout under data_dir/bank:
+    manifest.json              build key, config, source hashes, per-task counts, exclusions
+    <task>/task.json           BankTask metadata (no examples)
+    <task>/{train,dev,test}.jsonl   one Example per line: {"input", "output", "options"?}
+Settings are committed JSON files in model/bank/settings/ (see splits.py for how they were made).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from model.task import Example
+
+Kind = Literal["classification", "multiple-choice", "QA", "NLI", "paraphrase", "generation"]
+SPLITS = ("train", "dev", "test")
+SETTINGS_DIR = Path(__file__).parent / "settings"
+
+
+class TaskMeta(BaseModel):
+    """What task.json holds: everything about a task except its examples."""
+
+    name: str
+    source: str  # bigbench | evals | rotten_tomatoes | gensim | wordnet
+    licence: str
+    kind: Kind
+    options: list[str] | None = None  # fixed label set; None when options are per example or absent
+    instruction: str | None = None
+    origin: str = ""  # file inside the source package, for provenance
+    counts: dict[str, int] = Field(default_factory=dict)  # train/dev/test + raw/dropped_* from the build
+    build_key: str = ""
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.options) if self.options else 0
+
+    @property
+    def is_classification(self) -> bool:
+        """MetaICL's sense: one fixed label set for the whole task."""
+        return self.options is not None
+
+
+class BankTask:
+    """A task of the bank: metadata plus lazily read splits of Examples."""
+
+    def __init__(self, folder: Path, meta: TaskMeta | None = None):
+        self.folder = folder
+        self.meta = meta or TaskMeta.model_validate_json((folder / "task.json").read_text())
+
+    def __repr__(self) -> str:
+        return f"BankTask({self.name!r}, {self.kind}, {self.meta.counts})"
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
+
+    @property
+    def options(self) -> list[str] | None:
+        return self.meta.options
+
+    @property
+    def instruction(self) -> str | None:
+        return self.meta.instruction
+
+    def split(self, name: str) -> list[Example]:
+        return self._splits[name]
+
+    @cached_property
+    def _splits(self) -> dict[str, list[Example]]:
+        # model_construct: examples were validated at build time; re-validating 16k rows is slow
+        return {s: [Example.model_construct(**row) for row in read_jsonl(self.folder / f"{s}.jsonl")] for s in SPLITS}
+
+    @property
+    def train(self) -> list[Example]:
+        return self.split("train")
+
+    @property
+    def dev(self) -> list[Example]:
+        return self.split("dev")
+
+    @property
+    def test(self) -> list[Example]:
+        return self.split("test")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    meta_train: list[str]
+    held_out: list[str]
+    description: str = ""
+
+
+def read_setting(path: Path) -> Setting:
+    d = json.loads(path.read_text())
+    return Setting(d["name"], d["meta_train"], d["held_out"], d.get("description", ""))
+
+
+def setting_names(folder: Path = SETTINGS_DIR) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.json"))
+
+
+class Bank:
+    """The built bank: task metadata is read up front, examples only when a task's split is used."""
+
+    def __init__(self, root: Path, settings_dir: Path = SETTINGS_DIR):
+        self.root = Path(root)
+        self.settings_dir = settings_dir
+        if not (self.root / "manifest.json").is_file():
+            raise FileNotFoundError(f"no bank at {self.root}: run `python -m model.bank build`")
+        self.manifest = json.loads((self.root / "manifest.json").read_text())
+        self._tasks: dict[str, BankTask] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.manifest["tasks"])
+
+    def task(self, name: str) -> BankTask:
+        if name not in self._tasks:
+            if name not in self.manifest["tasks"]:
+                raise KeyError(f"task {name!r} is not in the bank at {self.root}")
+            self._tasks[name] = BankTask(self.root / name)
+        return self._tasks[name]
+
+    def tasks(self, names: list[str] | None = None) -> list[BankTask]:
+        return [self.task(n) for n in (self.names if names is None else names)]
+
+    def setting_names(self) -> list[str]:
+        return setting_names(self.settings_dir)
+
+    def setting(self, name: str) -> Setting:
+        path = self.settings_dir / f"{name}.json"
+        if not path.is_file():
+            raise KeyError(f"no setting {name!r}; known: {', '.join(self.setting_names())}")
+        return read_setting(path)
+
+
+def load_bank(data_dir: Path | None = None, settings_dir: Path = SETTINGS_DIR) -> Bank:
+    """The bank under data_dir/bank (data_dir defaults to the settings' data_dir)."""
+    if data_dir is None:
+        from model.settings import get_settings
+
+        data_dir = get_settings().data_dir
+    return Bank(Path(data_dir) / "bank", settings_dir)
+
+
+# --- small file helpers (atomic writes: an interrupted build never leaves a half file behind)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def example_row(e: Example) -> dict:
+    return e.model_dump(exclude_none=True)
