@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     # appended for the service (issue 4)
     visibility_timeout_s: int = 0  # broker redelivery of unacked tasks; 0: the longest hard time limit + 10 min
     predict_timeout_s: float = 300.0  # how long /predict waits for the worker (a re-adaptation included)
+    predict_linger_ms: float = 10.0  # an idle task's first /predict waits this long for concurrent calls to batch with
+    torch_threads: int = 0  # the worker's torch threads; 0: torch's default (one per core)
 
 
 @lru_cache

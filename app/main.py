@@ -1,0 +1,97 @@
+"""The FastAPI app: validates, authorizes and enqueues; the Celery worker does the model work."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+import kombu.exceptions
+import redis
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from app import metrics
+from app.batcher import Batcher
+from app.limits import BodyLimit
+from app.routes import admin, health, predict, tasks
+from app.worker_calls import call_worker
+from model.settings import Settings, get_settings
+from worker.celery_app import make_celery
+from worker.runtime import tokenizer
+from worker.store import Store
+
+EXAMPLE_KEYS = Settings.model_fields["api_keys"].default
+EXAMPLE_ADMIN_KEY = Settings.model_fields["admin_key"].default
+
+
+def check_keys(s: Settings) -> None:
+    """Outside development the example keys would let anyone in: refuse to start with them."""
+    if s.env == "development":
+        return
+    if set(s.api_keys) & set(EXAMPLE_KEYS) or s.admin_key == EXAMPLE_ADMIN_KEY or not s.admin_key:
+        raise RuntimeError(
+            f"MAMLSERVE_ENV={s.env} but the example API keys are configured: set MAMLSERVE_API_KEYS "
+            "(JSON {key: tenant}) and MAMLSERVE_ADMIN_KEY to secrets of your own"
+        )
+    if any(len(k) < 16 for k in s.api_keys) or len(s.admin_key) < 16:
+        raise RuntimeError(f"MAMLSERVE_ENV={s.env}: API keys must be at least 16 characters")
+
+
+class TokenCounter:
+    """Counts tokens with the base model's tokenizer, loaded on first use (the API never loads the model)."""
+
+    def __init__(self, s: Settings):
+        self.s = s
+        self.tok = None
+        self.lock = threading.Lock()
+
+    def __call__(self, text: str) -> int:
+        with self.lock:  # a fast tokenizer used from several threads can fail with "Already borrowed"
+            self.tok = self.tok or tokenizer(self.s)
+            return len(self.tok(text, add_special_tokens=False)["input_ids"])
+
+
+def create_app(s: Settings | None = None) -> FastAPI:
+    s = s or get_settings()
+    check_keys(s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # /predict blocks a thread while the worker answers: allow many at once.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 256
+        app.state.count_tokens("warm up")  # load the tokenizer before the first request
+        yield
+        app.state.store.r.close()
+        app.state.cache.close()
+
+    app = FastAPI(
+        title="mamlserve",
+        version="0.1.0",
+        description="Teach a language model a new task from a handful of examples (MAML-en-LLM).",
+        lifespan=lifespan,
+    )
+    app.state.settings = s
+    app.state.store = Store.from_url(s.redis_url)
+    app.state.cache = redis.Redis.from_url(s.cache_redis_url)
+    app.state.celery = make_celery(s)
+    app.state.count_tokens = TokenCounter(s)
+
+    def send(task_id: str, groups: list) -> list:
+        return call_worker(app.state.celery, app.state.store, s, "worker.tasks.predict", [task_id, groups])["groups"]
+
+    app.state.batcher = Batcher(send, s.predict_linger_ms / 1000, s.max_predict_inputs)
+    for module in (tasks, predict, admin, health):
+        app.include_router(module.router)
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    @app.exception_handler(kombu.exceptions.OperationalError)
+    async def unavailable(request, exc):  # after tenacity's retries: say so instead of a bare 500
+        return JSONResponse({"detail": f"the service's Redis is unavailable ({type(exc).__name__}); retry"}, status_code=503)
+
+    metrics.setup(app, app.state.store)
+    app.add_middleware(BodyLimit, max_bytes=s.max_request_bytes)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,95 @@
+"""Admin (admin key only): meta-training jobs and the checkpoint registry."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from kombu.exceptions import OperationalError
+from pydantic import ValidationError
+
+from app.deps import CeleryDep, SettingsDep, StoreDep, admin
+from app.errors import ADMIN_ERRORS, invalid, invalid_from
+from app.schemas import Checkpoint, Checkpoints, JobInfo, MetaTrainRequest
+from worker import checkpoints
+from worker.store import BASE
+from worker.tasks import job_config
+
+# The service decides where checkpoints go, which model and device train, and how jobs are tagged.
+SERVICE_OWNED = {"data_dir", "device", "base_model", "tag", "method", "space", "setting"}
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin)], responses=ADMIN_ERRORS)
+
+
+def job_info(rec: dict[str, Any], request: Request) -> JobInfo:
+    return JobInfo(**{k: v for k, v in rec.items() if k in JobInfo.model_fields},
+                   status_url=str(request.url_for("get_job", job_id=rec["id"])))
+
+
+def get_job_or_404(store, job_id: str) -> dict[str, Any]:
+    rec = store.job(job_id) if len(job_id) <= 64 else None
+    if rec is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return rec
+
+
+@router.post("/meta-train", status_code=status.HTTP_202_ACCEPTED, response_model=JobInfo)
+def meta_train(body: MetaTrainRequest, request: Request, store: StoreDep, celery: CeleryDep) -> JobInfo:
+    """Start a meta-training run on the `meta` queue; it ends as a checkpoint in the registry."""
+    job_id = uuid.uuid4().hex
+    for key in body.hyperparameters:
+        if key in SERVICE_OWNED:
+            raise invalid(("body", "hyperparameters", key), f"{key} is set by the service, not per job", "not_allowed")
+    try:  # the config the worker will build, checked now rather than failing in the queue
+        job_config({**body.model_dump(), "id": job_id})
+    except ValidationError as e:
+        raise invalid_from(e, ("body", "hyperparameters")) from e
+    store.create_job(job_id, {**body.model_dump(), "state": "queued", "progress": {}, "metrics": {}, "cancel": False})
+    try:
+        celery.send_task("worker.tasks.meta_train", args=[job_id], ignore_result=True)
+    except OperationalError as e:
+        store.update_job(job_id, state="failed", error=f"could not enqueue: {e}")
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the task queue is unavailable ({e}); retry") from e
+    return job_info(store.job(job_id), request)
+
+
+@router.get("/jobs/{job_id}", response_model=JobInfo)
+def get_job(job_id: str, request: Request, store: StoreDep) -> JobInfo:
+    return job_info(get_job_or_404(store, job_id), request)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobInfo)
+def cancel_job(job_id: str, request: Request, store: StoreDep) -> JobInfo:
+    """A queued job is cancelled at once; a running one stops at its next step (a checkpoint it saved stays)."""
+    rec = get_job_or_404(store, job_id)
+    if rec["state"] == "queued":
+        store.update_job(job_id, state="cancelled", cancel=True)
+    elif rec["state"] == "running":
+        store.update_job(job_id, cancel=True)
+    else:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is already {rec['state']}")
+    return job_info(store.job(job_id), request)
+
+
+@router.get("/checkpoints", response_model=Checkpoints)
+def list_checkpoints(s: SettingsDep, store: StoreDep) -> Checkpoints:
+    active = store.active_checkpoint()
+    items = [Checkpoint(**{**m, "active": m.get("id") == active}) for m in checkpoints.listing(s)]
+    return Checkpoints(active=active, items=items)
+
+
+@router.post("/checkpoints/{ckpt_id}/activate", response_model=Checkpoints)
+def activate_checkpoint(ckpt_id: str, s: SettingsDep, store: StoreDep) -> Checkpoints:
+    """New tasks start from this checkpoint unless they name one; `base` goes back to the base model."""
+    if ckpt_id != BASE:
+        try:
+            meta = checkpoints.meta(s, ckpt_id)
+        except checkpoints.CheckpointError as e:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from e
+        trained_on = (meta.get("base_model") or {}).get("name")
+        if trained_on != s.base_model:
+            raise HTTPException(status.HTTP_409_CONFLICT,
+                                f"checkpoint {ckpt_id} was trained on {trained_on!r}; this service runs {s.base_model!r}")
+    store.set_active_checkpoint(ckpt_id)
+    return list_checkpoints(s, store)

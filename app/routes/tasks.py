@@ -1,0 +1,146 @@
+"""Tasks: create (adaptation enqueued), status, list, delete, export the adapter."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from kombu.exceptions import OperationalError
+from pydantic import ValidationError
+
+from app.deps import CeleryDep, SettingsDep, StoreDep, TenantDep
+from app.errors import ERRORS, invalid, invalid_from
+from app.schemas import Progress, TaskCreate, TaskInfo, TaskPage
+from app.worker_calls import call_worker
+from model.task import Limits, validate_task
+from worker import checkpoints
+from worker.store import BASE, content_hash, now, weights_key
+
+router = APIRouter(prefix="/tasks", tags=["tasks"])
+ENQUEUE_GRACE_S = 30
+
+
+def info(rec: dict[str, Any], request: Request) -> TaskInfo:
+    return TaskInfo(
+        id=rec["id"], status=rec["status"], status_url=str(request.url_for("get_task", task_id=rec["id"])),
+        error=rec.get("error"), mode=rec["mode"], steps=rec["steps"], lr=rec["lr"], checkpoint=rec["checkpoint"],
+        progress=Progress(step=rec.get("step", 0), steps=rec.get("n_steps", rec["steps"]), loss=rec.get("loss"),
+                          loss_before=rec.get("loss_before"), loss_after=rec.get("loss_after")),
+        attempts=rec.get("attempts", 0), created_at=rec["created_at"], started_at=rec.get("started_at"),
+        finished_at=rec.get("finished_at"),
+    )
+
+
+def owned(store, task_id: str, who: str) -> dict[str, Any]:
+    """The caller's task; another tenant's task is as absent as a missing one (404)."""
+    rec = store.task(task_id) if len(task_id) <= 64 else None
+    if rec is None or rec["tenant"] != who:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"task {task_id} not found")
+    return rec
+
+
+def resolve_checkpoint(s, store, requested: str | None) -> str:
+    if requested is None:
+        return store.active_checkpoint()
+    if requested == BASE:
+        return BASE
+    try:
+        checkpoints.meta(s, requested)
+    except checkpoints.CheckpointError as e:
+        raise invalid(("body", "checkpoint"), str(e), "unknown_checkpoint") from e
+    return requested
+
+
+@router.post(
+    "", status_code=status.HTTP_202_ACCEPTED, response_model=TaskInfo,
+    responses={200: {"model": TaskInfo, "description": "the same task already exists"}, **ERRORS},
+)
+def create_task(body: TaskCreate, request: Request, response: Response, who: TenantDep, s: SettingsDep,
+                store: StoreDep, celery: CeleryDep) -> TaskInfo:
+    """Learn a task from its demonstrations; poll the status URL until it is ready."""
+    data = body.model_dump(exclude={"adaptation", "checkpoint"}, exclude_none=True)
+    limits = Limits(s.max_demonstrations, s.max_options, s.max_text_tokens, s.max_text_chars)
+    try:  # again, now with token counts: the body model could only count characters
+        task = validate_task(data, limits, request.app.state.count_tokens)
+    except ValidationError as e:
+        raise invalid_from(e, ("body",)) from e
+    a = body.adaptation
+    mode = a.mode or s.adapt_mode
+    steps = s.adapt_steps if a.steps is None else a.steps
+    if steps > s.adapt_max_steps:
+        raise invalid(("body", "adaptation", "steps"), f"steps is {steps}; the limit is {s.adapt_max_steps}", "too_many_steps")
+    lr = a.lr or (s.adapt_lr_full if mode == "full" else s.adapt_lr_lora)
+    if mode == "none":
+        steps = 0
+    ckpt = resolve_checkpoint(s, store, body.checkpoint)
+    spec = {"task": task.model_dump(exclude_none=True), "mode": mode, "steps": steps, "lr": lr, "seed": a.seed,
+            "checkpoint": ckpt, "base_model": s.base_model, "prompt_format": s.prompt_format}
+    digest = content_hash(who, spec)
+    task_id = digest[:32]
+    created = store.create_task(task_id, who, {
+        **spec, "hash": digest, "status": "ready" if mode == "none" else "queued", "step": 0, "n_steps": steps,
+        "attempts": 0, "completions": 0, "enqueued": mode == "none",
+    })
+    rec = store.task(task_id)
+    # Enqueue a new task, one that failed, or one whose enqueue failed (its creator's request died
+    # between the two writes: after a grace period, so two concurrent creators do not both send).
+    lost = not rec.get("enqueued") and now() - rec["created_at"] > ENQUEUE_GRACE_S
+    if mode != "none" and (created or lost or rec["status"] == "failed"):
+        if not created:
+            store.update_task(task_id, status="queued", error=None, step=0)
+        try:
+            celery.send_task("worker.tasks.adapt", args=[task_id], ignore_result=True)
+        except OperationalError as e:  # the broker is down: the record stays, a retry enqueues it
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the task queue is unavailable ({e}); retry") from e
+        store.update_task(task_id, enqueued=True)
+        rec = store.task(task_id)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    response.headers["Location"] = str(request.url_for("get_task", task_id=task_id))
+    return info(rec, request)
+
+
+@router.get("", response_model=TaskPage, responses=ERRORS)
+def list_tasks(request: Request, who: TenantDep, store: StoreDep,
+               offset: int = Query(0, ge=0, le=1_000_000), limit: int = Query(20, ge=1, le=100)) -> TaskPage:
+    """The caller's tasks, newest first."""
+    recs, total = store.list_tasks(who, offset, limit)
+    nxt = offset + limit if offset + limit < total else None
+    return TaskPage(items=[info(r, request) for r in recs], total=total, offset=offset, limit=limit, next_offset=nxt)
+
+
+@router.get("/{task_id}", response_model=TaskInfo, responses=ERRORS)
+def get_task(task_id: str, request: Request, who: TenantDep, store: StoreDep) -> TaskInfo:
+    return info(owned(store, task_id, who), request)
+
+
+@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=ERRORS)
+def delete_task(task_id: str, request: Request, who: TenantDep, store: StoreDep) -> Response:
+    """Remove the task and its cached weights."""
+    rec = owned(store, task_id, who)
+    store.delete_task(task_id, who)
+    request.app.state.cache.delete(weights_key(rec["checkpoint"], rec["hash"]))
+    if rec.get("weights_path"):
+        Path(rec["weights_path"]).unlink(missing_ok=True)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/{task_id}/adapter", response_class=Response, responses={
+        200: {"content": {"application/zip": {}}, "description": "a PEFT adapter folder, zipped"}, **ERRORS},
+)
+def get_adapter(task_id: str, request: Request, who: TenantDep, s: SettingsDep, store: StoreDep, celery: CeleryDep) -> Response:
+    """The task's adapted LoRA as a zip that `PeftModel.from_pretrained` loads once unzipped."""
+    rec = owned(store, task_id, who)
+    if rec["mode"] == "full":
+        raise HTTPException(status.HTTP_409_CONFLICT, "this task was adapted in full mode: it has no LoRA adapter")
+    if rec["mode"] == "none" and rec["checkpoint"] == BASE:
+        raise HTTPException(status.HTTP_409_CONFLICT, "this task runs in context on the base model: it has no adapter")
+    if rec["status"] != "ready":
+        raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id} is {rec['status']}, not ready")
+    reply = call_worker(celery, store, s, "worker.tasks.adapter", [task_id])
+    data = base64.b64decode(reply["zip_b64"])
+    return Response(data, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{task_id}-adapter.zip"'})

@@ -1,0 +1,148 @@
+"""Request and response bodies. The task itself is model.task.Task, the schema model/ shares."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from model.task import Query, Task
+
+Status = Literal["queued", "adapting", "ready", "failed"]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Error(BaseModel):
+    detail: str
+
+
+class Adaptation(BaseModel):
+    """How to adapt: defaults come from the settings (MAMLSERVE_ADAPT_*)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["lora", "full", "none"] | None = Field(None, description="lora | full | none (in context only)")
+    steps: int | None = Field(None, ge=0, description="inner steps; at most the setting adapt_max_steps")
+    lr: float | None = Field(None, gt=0, le=1, description="learning rate")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class TaskCreate(Task):
+    """A task to learn: demonstrations (+ instruction, options), how to adapt, and from which checkpoint."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "demonstrations": [
+            {"input": "I loved this film", "output": "positive"},
+            {"input": "a dull, boring mess", "output": "negative"},
+            {"input": "wonderful acting", "output": "positive"},
+            {"input": "I want my money back", "output": "negative"},
+        ],
+        "options": ["positive", "negative"],
+        "adaptation": {"mode": "lora", "steps": 5},
+    }]})
+
+    adaptation: Adaptation = Field(default_factory=Adaptation)
+    checkpoint: str | None = Field(None, max_length=200, description="meta-trained checkpoint id; default: the active one, else the base model")
+
+
+class Progress(BaseModel):
+    step: int = 0
+    steps: int = 0
+    loss: float | None = None
+    loss_before: float | None = None
+    loss_after: float | None = None
+
+
+class TaskInfo(BaseModel):
+    id: str
+    status: Status
+    status_url: str
+    error: str | None = None
+    mode: str
+    steps: int
+    lr: float
+    checkpoint: str
+    progress: Progress
+    attempts: int = 0
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class TaskPage(BaseModel):
+    items: list[TaskInfo]
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
+
+
+def _as_query(v: Any) -> Any:
+    return {"input": v} if isinstance(v, str) else v
+
+
+# A text or a Query; the errors then name the Query's fields, not the union's branches.
+QueryIn = Annotated[Query, BeforeValidator(_as_query),
+                    WithJsonSchema({"anyOf": [{"type": "string"}, Query.model_json_schema()]})]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str = Field(max_length=64)
+    inputs: list[QueryIn] = Field(min_length=1, description="texts, or {input, options} for per-query options")
+    wait_s: float = Field(0, ge=0, description="wait up to this long (at most predict_wait_max_s) for the task to be ready")
+
+
+class OptionScore(BaseModel):
+    option: str
+    score: float = Field(description="mean log-likelihood per token; the highest wins")
+
+
+class PredictionOut(BaseModel):
+    input: str
+    output: str
+    scores: list[OptionScore] | None = Field(None, description="every option's score; null for generation")
+
+
+class PredictResponse(BaseModel):
+    task_id: str
+    predictions: list[PredictionOut]
+
+
+class MetaTrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    setting: str = Field(min_length=1, max_length=100, description="task-bank setting to meta-train on")
+    method: Literal["maml", "fomaml", "metaicl"] = "maml"
+    space: Literal["lora", "full"] = "lora"
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, description="overrides of the meta-training config")
+
+
+class JobInfo(BaseModel):
+    id: str
+    state: JobState
+    status_url: str
+    setting: str
+    method: str
+    space: str
+    hyperparameters: dict[str, Any]
+    progress: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    error: str | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class Checkpoint(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    active: bool = False
+
+
+class Checkpoints(BaseModel):
+    active: str
+    items: list[Checkpoint]

@@ -1,0 +1,215 @@
+"""Shared fixtures: two real redis-servers (records + weights cache) on free loopback ports, a real
+Celery worker in a subprocess (so a test can SIGKILL it), and the FastAPI app, all on the tiny model.
+
+The service's settings go to the app explicitly and to the worker through its environment;
+this process's environment is left alone for the other test modules.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+TMP = Path(tempfile.mkdtemp(prefix="mamlserve-test-"))
+atexit.register(shutil.rmtree, TMP, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RECORDS_PORT, CACHE_PORT = free_port(), free_port()
+KEY, OTHER_KEY, ADMIN_KEY = "test-key-tenant-a", "test-key-tenant-b", "test-admin-key-0123"
+ENV = {
+    "MAMLSERVE_BASE_MODEL": "tiny",
+    "MAMLSERVE_DATA_DIR": str(TMP / "data"),
+    "MAMLSERVE_REDIS_URL": f"redis://127.0.0.1:{RECORDS_PORT}/0",
+    "MAMLSERVE_CACHE_REDIS_URL": f"redis://127.0.0.1:{CACHE_PORT}/0",
+    "MAMLSERVE_API_KEYS": f'{{"{KEY}": "tenant-a", "{OTHER_KEY}": "tenant-b"}}',
+    "MAMLSERVE_ADMIN_KEY": ADMIN_KEY,
+    "MAMLSERVE_ENV": "development",
+    "MAMLSERVE_ADAPT_MAX_STEPS": "60",
+    "MAMLSERVE_WORKER_LRU_SIZE": "2",
+    "MAMLSERVE_MAX_REQUEST_BYTES": "200000",
+    "MAMLSERVE_PREDICT_TIMEOUT_S": "120",
+    # A killed worker's task comes back after this (production: the longest time limit + 10 min).
+    "MAMLSERVE_VISIBILITY_TIMEOUT_S": "4",
+    "OMP_NUM_THREADS": "1",  # two cores shared by the worker and the tests
+}
+
+from model.settings import Settings  # noqa: E402
+
+
+def settings(**overrides) -> Settings:
+    """The test settings, given explicitly: other test modules in the session keep their environment."""
+    keep = dict(os.environ)
+    try:
+        os.environ.update(ENV)
+        return Settings(**overrides)
+    finally:
+        os.environ.clear()
+        os.environ.update(keep)
+
+
+def clear_workers(r: redis.Redis) -> None:
+    r.delete("ms:workers")
+
+
+def wait_for(check, timeout: float, what: str, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    raise TimeoutError(f"{what} did not happen within {timeout} s")
+
+
+class RedisServer:
+    def __init__(self, port: int, name: str, *args: str):
+        self.port, self.dir = port, TMP / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+             "--daemonize", "no", "--logfile", str(self.dir / "redis.log"), *args],
+        )
+        self.client = redis.Redis(port=port)
+        wait_for(self._ping, 10, f"redis-server on {port}")
+
+    def _ping(self) -> bool:
+        try:
+            return self.client.ping()
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Worker:
+    """The celery command of scripts/worker.sh, in its own process group. Without worker.sh's recover
+    step: the crash test must see the broker's own redelivery (recover has a test of its own)."""
+
+    def __init__(self, records: redis.Redis):
+        self.records = records
+        self.proc: subprocess.Popen | None = None
+        self.log = TMP / "worker.log"
+
+    def start(self) -> None:
+        clear_workers(self.records)
+        with open(self.log, "a") as out:  # the child keeps its own copy of the descriptor
+            self.proc = self._spawn(out)
+        # Ready when the pool child has loaded the model (its heartbeat appears).
+        wait_for(lambda: self.records.hlen("ms:workers") or self._died(), 120, "the worker loading the model")
+
+    def _spawn(self, out) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "prefork", "-c", "1",
+             "-Q", "predict,adapt,meta", "--loglevel", "INFO", "-n", f"test-{time.monotonic_ns()}@%h"],
+            cwd=ROOT, env={**os.environ, **ENV}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def _died(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.proc.returncode}; see {self.log}:\n{self.log.read_text()[-3000:]}")
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (parent and pool child): no chance to requeue or clean up."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        clear_workers(self.records)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_servers():
+    records = RedisServer(RECORDS_PORT, "records", "--appendonly", "yes", "--maxmemory-policy", "noeviction")
+    cache = RedisServer(CACHE_PORT, "cache", "--appendonly", "no", "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+    yield records, cache
+    cache.stop()
+    records.stop()
+    shutil.rmtree(TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def worker(redis_servers):
+    w = Worker(redis_servers[0].client)
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="session")
+def app(redis_servers):
+    from app.main import create_app
+
+    return create_app(settings())
+
+
+@pytest.fixture(scope="session")
+def client(app):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture
+def records(redis_servers) -> redis.Redis:
+    return redis_servers[0].client
+
+
+@pytest.fixture
+def cache(redis_servers) -> redis.Redis:
+    return redis_servers[1].client
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"X-API-Key": key}
+
+
+def sentiment(n: int = 6, tag: str = "") -> dict:
+    """A small option task; `tag` makes its content (and so its id) unique to a test."""
+    good = ["great fun", "loved it", "a joy", "wonderful", "so good", "brilliant"]
+    bad = ["boring", "hated it", "a mess", "terrible", "so bad", "dull"]
+    demos = []
+    for i in range(n):
+        demos.append({"input": f"{good[i % 6]} {tag}".strip(), "output": "positive"} if i % 2 == 0
+                     else {"input": f"{bad[i % 6]} {tag}".strip(), "output": "negative"})
+    return {"demonstrations": demos, "options": ["positive", "negative"]}
+
+
+def wait_status(client, task_id: str, want: str = "ready", timeout: float = 120, key: str = KEY) -> dict:
+    def check():
+        r = client.get(f"/tasks/{task_id}", headers=auth(key))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if body["status"] == "failed" and want != "failed":
+            raise AssertionError(f"task failed: {body['error']}")
+        return body if body["status"] == want else None
+
+    return wait_for(check, timeout, f"task {task_id} {want}", every=0.1)

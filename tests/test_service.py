@@ -1,0 +1,220 @@
+"""End to end through a real Redis and a real Celery worker (tiny model): create, adapt, predict,
+deduplicate, evict and re-adapt, export the adapter, delete, metrics and readiness."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+import redis
+
+from conftest import KEY, OTHER_KEY, auth, sentiment, wait_status
+from worker.store import weights_key
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+def create(client, body: dict, key: str = KEY):
+    r = client.post("/tasks", json=body, headers=auth(key))
+    assert r.status_code in (200, 202), r.text
+    return r
+
+
+def test_create_ready_predict(client):
+    r = create(client, {**sentiment(tag="e2e"), "adaptation": {"mode": "lora", "steps": 3}})
+    assert r.status_code == 202
+    task = r.json()
+    assert task["status"] in ("queued", "adapting", "ready")
+    assert r.headers["location"].endswith(f"/tasks/{task['id']}")
+    done = wait_status(client, task["id"])
+    assert done["progress"]["step"] == 3 and done["progress"]["steps"] == 3
+    assert done["progress"]["loss_before"] is not None and done["progress"]["loss_after"] is not None
+    assert done["checkpoint"] == "base" and done["started_at"] <= done["finished_at"]
+
+    r = client.post("/predict", json={"task_id": task["id"], "inputs": ["what a joy", {"input": "so dull"}]}, headers=auth())
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["input"] for p in preds] == ["what a joy", "so dull"]
+    for p in preds:
+        assert p["output"] in ("positive", "negative")
+        scores = {s["option"]: s["score"] for s in p["scores"]}
+        assert set(scores) == {"positive", "negative"} and max(scores, key=scores.get) == p["output"]
+
+    # per-query options override the task's
+    r = client.post("/predict", json={"task_id": task["id"], "inputs": [{"input": "hm", "options": ["yes", "no", "maybe"]}]},
+                    headers=auth())
+    assert r.status_code == 200, r.text
+    assert {s["option"] for s in r.json()["predictions"][0]["scores"]} == {"yes", "no", "maybe"}
+
+
+def test_generation_task_returns_text(client):
+    body = {"demonstrations": [{"input": "capital of france", "output": "paris"}, {"input": "capital of italy", "output": "rome"}],
+            "adaptation": {"mode": "none"}}
+    task = create(client, body).json()
+    assert task["status"] == "ready"  # in context only: nothing to adapt
+    r = client.post("/predict", json={"task_id": task["id"], "inputs": ["capital of spain"]}, headers=auth())
+    assert r.status_code == 200, r.text
+    p = r.json()["predictions"][0]
+    assert isinstance(p["output"], str) and p["scores"] is None
+
+
+def test_same_demonstrations_twice_is_one_task(client, records):
+    body = {**sentiment(tag="dedupe"), "adaptation": {"steps": 2}}
+    first = create(client, body)
+    second = create(client, body)
+    assert first.status_code == 202 and second.status_code == 200
+    assert first.json()["id"] == second.json()["id"]
+    wait_status(client, first.json()["id"])
+    third = create(client, body)
+    assert third.status_code == 200 and third.json()["status"] == "ready"
+    assert int(records.hget(f"ms:task:{first.json()['id']}", "attempts")) == 1
+    # different settings, or another tenant: another task
+    other = create(client, {**body, "adaptation": {"steps": 1}})
+    assert other.json()["id"] != first.json()["id"]
+    theirs = create(client, body, key=OTHER_KEY)
+    assert theirs.status_code == 202 and theirs.json()["id"] != first.json()["id"]
+
+
+def test_predict_409_until_ready_then_wait(client):
+    task = create(client, {**sentiment(tag="wait"), "adaptation": {"steps": 40}}).json()
+    r = client.post("/predict", json={"task_id": task["id"], "inputs": ["a joy"]}, headers=auth())
+    if r.status_code == 409:  # the usual case: 40 steps take a while
+        assert "not ready" in r.json()["detail"]
+    r = client.post("/predict", json={"task_id": task["id"], "inputs": ["a joy"], "wait_s": 60}, headers=auth())
+    assert r.status_code == 200, r.text
+
+
+def metric(client, name: str) -> float:
+    text = client.get("/metrics").text
+    for line in text.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_evicted_weights_are_adapted_again_on_predict(client, cache):
+    task = create(client, {**sentiment(tag="evict"), "adaptation": {"steps": 2}}).json()
+    wait_status(client, task["id"])
+    key = weights_key("base", client.app.state.store.task(task["id"])["hash"])
+    assert cache.exists(key)
+    before = client.post("/predict", json={"task_id": task["id"], "inputs": ["a joy"]}, headers=auth()).json()
+    # Push the task out of the worker's in-process LRU (size 2) with two other tasks...
+    for tag in ("evict-a", "evict-b"):
+        other = create(client, {**sentiment(tag=tag), "adaptation": {"steps": 1}}).json()
+        r = client.post("/predict", json={"task_id": other["id"], "inputs": ["x"], "wait_s": 60}, headers=auth())
+        assert r.status_code == 200, r.text
+    # ...and out of the cache Redis by memory pressure: allkeys-lru evicts the least recently used.
+    cache.config_set("maxmemory", "4mb")
+    try:
+        blob = b"x" * 100_000
+        for i in range(200):
+            cache.set(f"filler:{i}", blob)
+            if not cache.exists(key):
+                break
+        assert not cache.exists(key), "the cache Redis did not evict the weights"
+    finally:
+        cache.config_set("maxmemory", "64mb")
+        for k in cache.keys("filler:*"):
+            cache.delete(k)
+    readapted = metric(client, "mamlserve_readaptations_total")
+    r = client.post("/predict", json={"task_id": task["id"], "inputs": ["a joy"]}, headers=auth())
+    assert r.status_code == 200, r.text
+    assert metric(client, "mamlserve_readaptations_total") == readapted + 1
+    assert cache.exists(key)  # stored again
+    # same demonstrations, same seed: the very same weights, so the same scores
+    scores = lambda body: [s["score"] for s in body["predictions"][0]["scores"]]  # noqa: E731
+    assert scores(r.json()) == pytest.approx(scores(before), abs=1e-4)
+
+def test_adapter_is_a_peft_archive(client, tmp_path):
+    from peft import PeftModel
+
+    from model.tiny import tiny_model
+
+    task = create(client, {**sentiment(tag="peft"), "adaptation": {"steps": 2}}).json()
+    wait_status(client, task["id"])
+    r = client.get(f"/tasks/{task['id']}/adapter", headers=auth())
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/zip"
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(tmp_path)
+    model = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # adapted: B moved off its zero init
+
+
+def test_full_mode_weights_on_disk(client, records):
+    task = create(client, {**sentiment(tag="full"), "adaptation": {"mode": "full", "steps": 1}}).json()
+    wait_status(client, task["id"])
+    rec = client.app.state.store.task(task["id"])
+    assert rec["weights_path"].endswith(".safetensors") and len(rec["weights_sha256"]) == 64
+    r = client.post("/predict", json={"task_id": task["id"], "inputs": ["a joy"]}, headers=auth())
+    assert r.status_code == 200, r.text
+    assert client.get(f"/tasks/{task['id']}/adapter", headers=auth()).status_code == 409
+
+
+def test_list_and_delete(client, cache):
+    task = create(client, {**sentiment(tag="delete"), "adaptation": {"steps": 1}}).json()
+    wait_status(client, task["id"])
+    page = client.get("/tasks", params={"limit": 100}, headers=auth()).json()
+    assert task["id"] in [t["id"] for t in page["items"]] and page["total"] >= 1
+    first = client.get("/tasks", params={"limit": 1}, headers=auth()).json()
+    assert len(first["items"]) == 1 and (first["next_offset"] == 1 or first["total"] == 1)
+    key = weights_key("base", client.app.state.store.task(task["id"])["hash"])
+    assert cache.exists(key)
+    assert client.delete(f"/tasks/{task['id']}", headers=auth()).status_code == 204
+    assert client.get(f"/tasks/{task['id']}", headers=auth()).status_code == 404
+    assert not cache.exists(key)
+    assert task["id"] not in [t["id"] for t in client.get("/tasks", params={"limit": 100}, headers=auth()).json()["items"]]
+
+
+def test_readyz_and_metrics(client):
+    r = client.get("/readyz")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["ready"] and body["workers"] and body["models"]
+    assert client.get("/healthz").json() == {"status": "ok"}
+    text = client.get("/metrics").text
+    for name in ("http_request_duration_seconds", "mamlserve_queue_depth", "mamlserve_adaptation_seconds_count",
+                 "mamlserve_weights_hit_memory_total"):
+        assert name in text
+    assert metric(client, "mamlserve_adaptation_seconds_count") >= 1
+
+
+def test_each_call_lands_in_exactly_one_queue(redis_servers):
+    """A shared routing key would copy every message into all queues (and run everything thrice)."""
+    from conftest import RECORDS_PORT, settings
+    from worker.celery_app import QUEUES, make_celery
+
+    url = f"redis://127.0.0.1:{RECORDS_PORT}/7"  # a database no worker consumes
+    celery = make_celery(settings(redis_url=url))
+    db = redis.Redis.from_url(url)
+    try:
+        for name, queue in (("worker.tasks.predict", "predict"), ("worker.tasks.adapt", "adapt"),
+                            ("worker.tasks.meta_train", "meta")):
+            celery.send_task(name, args=["x"], ignore_result=True)
+            assert {q: db.llen(q) for q in QUEUES} == {q: int(q == queue) for q in QUEUES}
+            db.delete(queue)
+    finally:
+        db.flushdb()
+
+
+def test_concurrent_predictions_share_a_batch_and_get_their_own_answers(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    task = create(client, {**sentiment(tag="batch"), "adaptation": {"steps": 1}}).json()
+    wait_status(client, task["id"])
+    texts = [f"review number {i}: {'loved it' if i % 2 else 'hated it'}" for i in range(8)]
+
+    def ask(text):
+        r = client.post("/predict", json={"task_id": task["id"], "inputs": [text]}, headers=auth())
+        assert r.status_code == 200, r.text
+        return r.json()["predictions"][0]
+
+    alone = {t: ask(t) for t in texts[:2]}
+    batches = metric(client, "mamlserve_predict_batches_total")
+    with ThreadPoolExecutor(len(texts)) as pool:
+        together = list(pool.map(ask, texts))
+    assert [p["input"] for p in together] == texts
+    assert metric(client, "mamlserve_predict_batches_total") - batches < len(texts)  # some calls were merged
+    for p in together[:2]:  # batched or not, the same answer
+        assert [s["score"] for s in p["scores"]] == pytest.approx([s["score"] for s in alone[p["input"]]["scores"]], abs=1e-4)

@@ -1,0 +1,82 @@
+"""Meta-training through the admin API on a real worker: job -> checkpoint -> listed -> activated ->
+new tasks start from it; and cancelling a running job."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import ADMIN_KEY, auth, sentiment, wait_for, wait_status
+
+pytestmark = pytest.mark.usefixtures("worker")
+ADMIN = auth(ADMIN_KEY)
+SMALL = {"tasks_per_step": 1, "support_size": 4, "support_batch": 2, "query_size": 2, "context_tokens": 128}
+
+
+def wait_job(client, job_id: str, states: tuple[str, ...], timeout: float = 180) -> dict:
+    def check():
+        r = client.get(f"/admin/jobs/{job_id}", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        return r.json() if r.json()["state"] in states else None
+
+    return wait_for(check, timeout, f"job {job_id} in {states}", every=0.2)
+
+
+def test_meta_train_job_checkpoint_listed_and_activatable(client):
+    r = client.post("/admin/meta-train", json={"setting": "synthetic", "method": "fomaml", "space": "lora",
+                                               "hyperparameters": {"steps": 2, **SMALL}}, headers=ADMIN)
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"], ("succeeded", "failed"))
+    assert job["state"] == "succeeded", job["error"]
+    assert job["progress"] == {"step": 2, "steps": 2} and "query_loss" in job["metrics"]
+    ckpt = job["checkpoint"]
+
+    listing = client.get("/admin/checkpoints", headers=ADMIN).json()
+    assert ckpt in [c["id"] for c in listing["items"]]
+    meta = next(c for c in listing["items"] if c["id"] == ckpt)
+    assert meta["method"] == "fomaml" and meta["space"] == "lora" and not meta["active"]
+
+    r = client.post(f"/admin/checkpoints/{ckpt}/activate", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["active"] == ckpt
+    try:
+        task = client.post("/tasks", json={**sentiment(tag="from-ckpt"), "adaptation": {"steps": 2}}, headers=auth()).json()
+        assert task["checkpoint"] == ckpt
+        wait_status(client, task["id"])
+        r = client.post("/predict", json={"task_id": task["id"], "inputs": ["a joy"]}, headers=auth())
+        assert r.status_code == 200, r.text
+        # in context only, on the checkpoint's LoRA: its adapter is the checkpoint's
+        task = client.post("/tasks", json={**sentiment(tag="ckpt-icl"), "adaptation": {"mode": "none"}}, headers=auth()).json()
+        assert client.get(f"/tasks/{task['id']}/adapter", headers=auth()).status_code == 200
+    finally:
+        assert client.post("/admin/checkpoints/base/activate", headers=ADMIN).json()["active"] == "base"
+    # naming a checkpoint explicitly works whatever is active
+    task = client.post("/tasks", json={**sentiment(tag="named-ckpt"), "checkpoint": ckpt, "adaptation": {"steps": 1}},
+                       headers=auth()).json()
+    assert task["checkpoint"] == ckpt
+
+
+def test_cancel_running_job(client):
+    r = client.post("/admin/meta-train", json={"setting": "synthetic", "method": "metaicl",
+                                               "hyperparameters": {"steps": 100000, **SMALL}}, headers=ADMIN)
+    job_id = r.json()["id"]
+    wait_for(lambda: client.get(f"/admin/jobs/{job_id}", headers=ADMIN).json()["progress"].get("step", 0) >= 1,
+             120, "the run under way", every=0.2)
+    r = client.post(f"/admin/jobs/{job_id}/cancel", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    job = wait_job(client, job_id, ("cancelled", "failed", "succeeded"))
+    assert job["state"] == "cancelled" and job["checkpoint"]
+    listing = client.get("/admin/checkpoints", headers=ADMIN).json()["items"]
+    assert next(c for c in listing if c["id"] == job["checkpoint"])["status"] == "stopped"
+    assert client.post(f"/admin/jobs/{job_id}/cancel", headers=ADMIN).status_code == 409
+
+
+def test_cancel_queued_job(client, records):
+    # A job cancelled before a worker takes it: the worker, given its message, leaves it cancelled.
+    store = client.app.state.store
+    store.create_job("queued-job", {"setting": "synthetic", "method": "maml", "space": "lora", "hyperparameters": {},
+                                    "state": "queued", "progress": {}, "metrics": {}, "cancel": False})
+    r = client.post("/admin/jobs/queued-job/cancel", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    result = client.app.state.celery.send_task("worker.tasks.meta_train", args=["queued-job"])
+    assert result.get(timeout=60) == "done"
+    job = client.get("/admin/jobs/queued-job", headers=ADMIN).json()
+    assert job["state"] == "cancelled" and job["started_at"] is None and job["checkpoint"] is None

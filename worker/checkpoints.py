@@ -1,0 +1,29 @@
+"""Glue to the meta-training checkpoint registry (model/checkpoints.py) for the API and the worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model import checkpoints as registry
+from model.adapt import AdamState
+from model.lm import LM, Params
+from model.settings import Settings
+
+CheckpointError = registry.CheckpointError
+
+
+def listing(s: Settings) -> list[dict[str, Any]]:
+    return registry.list_checkpoints(s.data_dir)
+
+
+def meta(s: Settings, ckpt: str) -> dict[str, Any]:
+    """The checkpoint's metadata; CheckpointError when there is no such (complete) checkpoint."""
+    return registry.read_meta(s.data_dir, ckpt)
+
+
+def load(s: Settings, ckpt: str, lm: LM) -> tuple[Params, AdamState | None]:
+    """A checkpoint's parameter overrides (on the model's device and dtype) and, when it was trained
+    with shared moments, the Adam state test-time adaptation continues from (as the evaluation does)."""
+    p, state, m = registry.load(s.data_dir, ckpt, lm.device, lm.dtype)
+    registry.check_compatible(m, lm)
+    return p, state if m.get("shared_moments") else None

@@ -1,0 +1,217 @@
+"""What one worker process holds: the model, loaded once, and an LRU of tasks' weights and prefixes.
+
+Weights are looked up in order: this process's LRU, then the cache Redis (LoRA bytes) or the
+disk (full-mode deltas, checked against the hash in the record), then adapted again from the
+record's demonstrations, so an evicted task answers as if nothing happened.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+
+from model import weights
+from model.adapt import AdamState, Adapted, adapt, start_params
+from model.lm import LM, LoraSpec, Params
+from model.loading import file_sha256, load_lm, load_tokenizer, model_folder
+from model.prompts import Formatter, Row, longest
+from model.scoring import Prediction, Prefix, encode_prefix, predict
+from model.settings import Settings
+from model.task import Query, Task
+from worker import checkpoints
+from worker.store import BASE, Store, weights_key
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def model_lock(data_dir: Path):
+    """Serialise the one-time GGUF conversion between the API, the worker and their restarts."""
+    path = Path(data_dir) / "models" / ".convert.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_model(s: Settings) -> None:
+    """Convert the base model once (the GGUF read takes ~20 s) before anything races for it."""
+    if s.base_model != "tiny":
+        with model_lock(s.data_dir):
+            model_folder(s.base_model, s.data_dir)
+
+
+def tokenizer(s: Settings):
+    with model_lock(s.data_dir):
+        return load_tokenizer(s.base_model, s.data_dir)
+
+
+def lora_spec(s: Settings) -> LoraSpec:
+    return LoraSpec(s.lora_r, s.lora_alpha, tuple(s.lora_targets))
+
+
+@dataclass
+class Entry:
+    params: Params  # every override to predict with: checkpoint params + the adapted ones
+    adapted: Params  # the adapted part alone (LoRA weights, or the full-mode weights)
+    prefixes: dict[int, Prefix] = field(default_factory=dict)  # demonstrations used -> encoded prefix
+
+
+class Runtime:
+    def __init__(self, s: Settings):
+        self.s = s
+        if s.torch_threads:  # two workers on one machine: split the cores, or they fight over them
+            torch.set_num_threads(s.torch_threads)
+        prepare_model(s)
+        self.lm: LM = load_lm(s.base_model, s.data_dir, s.device, lora_spec(s))
+        self.fmt = Formatter(self.lm.encode, s.prompt_format, s.context_tokens)
+        self.store = Store.from_url(s.redis_url)
+        self.cache = redis.Redis.from_url(s.cache_redis_url, health_check_interval=30)
+        self.lru: OrderedDict[str, Entry] = OrderedDict()
+        self.ckpts: OrderedDict[str, tuple[Params, AdamState | None]] = OrderedDict()
+
+    # --- checkpoints
+    def checkpoint_state(self, ckpt: str) -> tuple[Params, AdamState | None]:
+        if ckpt == BASE:
+            return {}, None
+        if ckpt not in self.ckpts:
+            self.ckpts[ckpt] = checkpoints.load(self.s, ckpt, self.lm)
+            while len(self.ckpts) > 2:
+                self.ckpts.popitem(last=False)
+        self.ckpts.move_to_end(ckpt)
+        return self.ckpts[ckpt]
+
+    def checkpoint(self, ckpt: str) -> Params:
+        return self.checkpoint_state(ckpt)[0]
+
+    # --- weights
+    def _remember(self, digest: str, entry: Entry) -> Entry:
+        self.lru[digest] = entry
+        self.lru.move_to_end(digest)
+        while len(self.lru) > max(1, self.s.worker_lru_size):
+            self.lru.popitem(last=False)
+        return entry
+
+    def forget(self, digest: str) -> None:
+        self.lru.pop(digest, None)
+
+    def _full_start(self, ck: Params) -> tuple[Params, Params]:
+        return start_params(self.lm, "full", ck)
+
+    def _names(self, mode: str) -> list[str]:
+        return self.lm.lora_names if mode == "lora" else self.lm.full_names
+
+    def run_adaptation(self, rec: dict[str, Any], on_step: Callable[[int, int, float], None] | None = None) -> Adapted:
+        task = Task.model_validate(rec["task"])
+        ck, state = self.checkpoint_state(rec["checkpoint"])
+        return adapt(
+            self.lm, task, mode=rec["mode"], steps=rec["steps"], lr=rec["lr"], start=ck or None, seed=rec.get("seed", 0),
+            state=state if state is not None and rec["mode"] != "none" and set(state.m) <= set(self._names(rec["mode"])) else None,
+            batch_size=self.s.adapt_batch_size, context_demos=self.s.adapt_context_demos, fmt=self.fmt, on_step=on_step,
+        )
+
+    def store_weights(self, rec: dict[str, Any], result: Adapted) -> dict[str, Any]:
+        """Persist adapted weights; returns the record fields that point at them."""
+        digest, ckpt = rec["hash"], rec["checkpoint"]
+        ck = self.checkpoint(ckpt)
+        if result.mode == "lora":
+            self.cache.set(weights_key(ckpt, digest), weights.to_bytes(result.params), ex=self.s.weights_ttl_s)
+            self._remember(digest, Entry({**ck, **result.params}, result.params))
+            return {}
+        fixed, start = self._full_start(ck)
+        path = Path(self.s.data_dir) / "weights" / ckpt / f"{digest}.safetensors"
+        weights.save(result.delta(start), path)
+        self._remember(digest, Entry({**fixed, **result.params}, result.params))
+        return {"weights_path": str(path), "weights_sha256": file_sha256(path)}
+
+    def load_weights(self, rec: dict[str, Any]) -> Entry | None:
+        """The task's weights from the LRU, the cache Redis or the disk; None when they are gone."""
+        digest, ckpt = rec["hash"], rec["checkpoint"]
+        if digest in self.lru:
+            self.lru.move_to_end(digest)
+            self.store.count("weights_hit_memory")
+            return self.lru[digest]
+        ck = self.checkpoint(ckpt)
+        if rec["mode"] == "none":
+            return self._remember(digest, Entry(dict(ck), {}))
+        if rec["mode"] == "lora":
+            data = self.cache.get(weights_key(ckpt, digest))
+            if data is None:
+                self.store.count("weights_miss")
+                return None
+            lora = weights.from_bytes(data, self.lm.device)
+            self.store.count("weights_hit_cache")
+            return self._remember(digest, Entry({**ck, **lora}, lora))
+        path = Path(rec.get("weights_path") or "")
+        if not path.is_file() or file_sha256(path) != rec.get("weights_sha256"):
+            self.store.count("weights_miss")
+            return None
+        fixed, start = self._full_start(ck)
+        delta = weights.load(path, self.lm.device)
+        full = {k: start[k] + d.to(start[k].dtype) for k, d in delta.items()}
+        self.store.count("weights_hit_disk")
+        return self._remember(digest, Entry({**fixed, **full}, full))
+
+    def ensure_weights(self, rec: dict[str, Any]) -> Entry:
+        """The task's weights, adapted again from its demonstrations when they were evicted."""
+        entry = self.load_weights(rec)
+        if entry is not None:
+            return entry
+        log.info("task %s: weights gone, adapting again", rec["id"])
+        t0 = time.monotonic()
+        result = self.run_adaptation(rec)
+        self.store.observe_adaptation(time.monotonic() - t0)
+        self.store.count("readaptations")
+        pointer = self.store_weights(rec, result)
+        if pointer:
+            self.store.update_task(rec["id"], **pointer)
+        return self.lru[rec["hash"]]
+
+    def drop_weights(self, rec: dict[str, Any]) -> None:
+        self.forget(rec["hash"])
+        self.cache.delete(weights_key(rec["checkpoint"], rec["hash"]))
+        if rec.get("weights_path"):
+            Path(rec["weights_path"]).unlink(missing_ok=True)
+
+    # --- prediction
+    def predict(self, rec: dict[str, Any], queries: list[Query]) -> list[Prediction]:
+        task = Task.model_validate(rec["task"])
+        entry = self.ensure_weights(rec)
+        n_new = self.s.max_new_tokens
+        rows: list[Row] = []
+        for q in queries:
+            opts = task.options_for(q)
+            if opts:
+                rows += self.fmt.candidates(q.input, opts)
+            else:
+                rows.append(Row(self.fmt.row(q.input, "").ctx, [0] * n_new))
+        # The prefix (instruction + demonstrations that fit) is encoded once per task and count.
+        ids, used = self.fmt.prefix(task.instruction, task.demonstrations, longest(rows))
+        prefix = entry.prefixes.get(used)
+        if prefix is None:
+            prefix = entry.prefixes[used] = encode_prefix(self.lm, ids, entry.params or None, used)
+        return predict(self.lm, task, queries, params=entry.params or None, fmt=self.fmt, prefix=prefix,
+                       max_new_tokens=n_new)
+
+    def adapter_zip(self, rec: dict[str, Any]) -> bytes | None:
+        """The task's LoRA (adapted, or the checkpoint's for in-context tasks) as a PEFT zip; None without one."""
+        if rec["mode"] == "full":
+            return None  # its LoRA, if any, is not what the task learned
+        entry = self.ensure_weights(rec)
+        names = set(self.lm.lora_names)
+        lora = {k: v for k, v in entry.params.items() if k in names}
+        return weights.peft_zip(self.lm, lora) if len(lora) == len(names) else None
+

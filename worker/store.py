@@ -1,0 +1,204 @@
+"""Task and job records in the broker's Redis (AOF on, noeviction): shared by app/ and worker/.
+
+A task record is a hash holding the request (demonstrations included), its status and its
+progress; its id is derived from the tenant and the request's content, so the same request
+from the same tenant finds the same record. Weights never live here: LoRA weights go to the
+cache Redis (may evict), full-mode deltas to disk (the record holds their path and hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import redis
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+TASK = "ms:task:"  # + id -> hash
+TENANT = "ms:tenant:"  # + tenant -> zset of task ids by creation time
+JOB = "ms:job:"  # + id -> hash
+JOBS = "ms:jobs"  # zset of job ids by creation time
+ACTIVE = "ms:checkpoint:active"  # the checkpoint new tasks start from by default
+METRICS = "ms:metrics"  # counters the worker adds to and /metrics reads
+REPLY = "ms:reply:"  # + uuid -> list the worker pushes a prediction reply onto
+WORKERS = "ms:workers"  # hash: process -> its model and last heartbeat
+
+BASE = "base"  # the checkpoint id of the base model (no meta-training)
+ADAPT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+# Redis blips (restart, failover) should not fail a request or a finished adaptation.
+retrying = retry(
+    retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
+    stop=stop_after_attempt(5),
+    wait=wait_exponential(multiplier=0.1, max=2),
+    reraise=True,
+)
+
+# Create a task record unless one exists: atomic, so two identical requests make one task.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+# Update a record only while it exists: a worker finishing late never resurrects a deleted task.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+# Mark a task ready and count the completion in one step: "ready" and the count never disagree.
+_FINISH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+redis.call('HINCRBY', KEYS[1], 'completions', 1)
+return 1
+"""
+
+
+def now() -> float:
+    return time.time()
+
+
+def content_hash(tenant: str, payload: dict[str, Any]) -> str:
+    """sha256 of the tenant and the canonical JSON of what determines the adapted weights."""
+    blob = json.dumps({"tenant": tenant, **payload}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def weights_key(checkpoint: str, digest: str) -> str:
+    return f"ms:w:{checkpoint}:{digest}"
+
+
+def _strs(fields: dict[str, Any]) -> dict[str, str]:
+    """Hash fields as JSON text, strings too, so _decode gives back exactly what was stored."""
+    return {k: json.dumps(v) for k, v in fields.items()}
+
+
+def _flat(fields: dict[str, Any]) -> list[str]:
+    return [x for kv in _strs(fields).items() for x in kv]
+
+
+def _decode(raw: dict[str, str]) -> dict[str, Any]:
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+class Store:
+    def __init__(self, r: redis.Redis):
+        self.r = r
+        self._create = r.register_script(_CREATE)
+        self._update = r.register_script(_UPDATE)
+        self._finish = r.register_script(_FINISH)
+
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30))
+
+    # --- tasks
+    @retrying
+    def create_task(self, task_id: str, tenant: str, fields: dict[str, Any]) -> bool:
+        created = now()
+        return bool(self._create(
+            keys=[TASK + task_id, TENANT + tenant],
+            args=[created, task_id, *_flat({"id": task_id, "tenant": tenant, "created_at": created, **fields})],
+        ))
+
+    @retrying
+    def task(self, task_id: str) -> dict[str, Any] | None:
+        raw = self.r.hgetall(TASK + task_id)
+        return _decode(raw) if raw else None
+
+    @retrying
+    def update_task(self, task_id: str, **fields: Any) -> bool:
+        return bool(self._update(keys=[TASK + task_id], args=_flat(fields)))
+
+    @retrying
+    def finish_task(self, task_id: str, **fields: Any) -> bool:
+        """status=ready plus fields, and completions + 1, only while the record exists."""
+        return bool(self._finish(keys=[TASK + task_id], args=_flat({"status": "ready", **fields})))
+
+    @retrying
+    def incr_task(self, task_id: str, field: str) -> int:
+        if not self.r.exists(TASK + task_id):
+            return 0
+        return int(self.r.hincrby(TASK + task_id, field, 1))
+
+    @retrying
+    def list_tasks(self, tenant: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        ids = self.r.zrevrange(TENANT + tenant, offset, offset + limit - 1)
+        pipe = self.r.pipeline()
+        for i in ids:
+            pipe.hgetall(TASK + i)
+        items = [_decode(raw) for raw in pipe.execute() if raw]
+        return items, int(self.r.zcard(TENANT + tenant))
+
+    @retrying
+    def delete_task(self, task_id: str, tenant: str) -> None:
+        self.r.pipeline().delete(TASK + task_id).zrem(TENANT + tenant, task_id).execute()
+
+    # --- meta-training jobs
+    @retrying
+    def create_job(self, job_id: str, fields: dict[str, Any]) -> None:
+        created = now()
+        mapping = _strs({"id": job_id, "created_at": created, **fields})
+        self.r.pipeline().hset(JOB + job_id, mapping=mapping).zadd(JOBS, {job_id: created}).execute()
+
+    @retrying
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.r.hgetall(JOB + job_id)
+        return _decode(raw) if raw else None
+
+    @retrying
+    def update_job(self, job_id: str, **fields: Any) -> bool:
+        return bool(self._update(keys=[JOB + job_id], args=_flat(fields)))
+
+    # --- the active checkpoint
+    @retrying
+    def active_checkpoint(self) -> str:
+        return self.r.get(ACTIVE) or BASE
+
+    @retrying
+    def set_active_checkpoint(self, checkpoint: str) -> None:
+        self.r.set(ACTIVE, checkpoint)
+
+    # --- worker processes with the model loaded (for /readyz)
+    @retrying
+    def beat(self, process: str, info: dict[str, Any]) -> None:
+        self.r.hset(WORKERS, process, json.dumps({**info, "at": now()}))
+
+    @retrying
+    def gone(self, process: str) -> None:
+        self.r.hdel(WORKERS, process)
+
+    @retrying
+    def live_workers(self, max_age_s: float) -> dict[str, dict[str, Any]]:
+        """Processes that beat within max_age_s; older entries (killed processes) are dropped."""
+        live, stale = {}, []
+        for k, v in self.r.hgetall(WORKERS).items():
+            info = json.loads(v)
+            if now() - info["at"] <= max_age_s:
+                live[k] = info
+            else:
+                stale.append(k)
+        if stale:
+            self.r.hdel(WORKERS, *stale)
+        return live
+
+    # --- metrics the worker reports (read by the API's /metrics)
+    @retrying
+    def count(self, name: str, by: float = 1) -> None:
+        self.r.hincrbyfloat(METRICS, name, by)
+
+    def observe_adaptation(self, seconds: float) -> None:
+        pipe = self.r.pipeline()
+        pipe.hincrbyfloat(METRICS, "adapt_seconds_sum", seconds).hincrby(METRICS, "adapt_seconds_count", 1)
+        for b in ADAPT_BUCKETS:
+            if seconds <= b:
+                pipe.hincrby(METRICS, f"adapt_seconds_le_{b}", 1)
+        retrying(pipe.execute)()
+
+    @retrying
+    def metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.r.hgetall(METRICS).items()}
