@@ -1,0 +1,310 @@
+"""Held-out evaluation in MetaICL's protocol: base model vs meta-trained checkpoints, in context and adapted.
+
+For every held-out task of a setting and every seed, k demonstrations are drawn from the task's
+train split (label-balanced; `model.bank.kshot`) and the same test queries are answered by
+option scoring (mean per-token log-likelihood, `model.scoring.predict`):
+
+    base/zero_shot   the base model with no demonstrations
+    base/icl         the base model with the k demonstrations in context
+    base/adapted     test-time adaptation (`model.adapt.adapt`) from a fresh LoRA, then in context
+    <ckpt>/icl       the checkpoint's parameters, k demonstrations in context
+    <ckpt>/adapted   `adapt` starting from the checkpoint (and its Adam moments when it was
+                     meta-trained with shared moments), then in context
+
+Score: macro-F1 for classification tasks (one label set), accuracy otherwise, on 0-100. Per
+variant: `mean` = mean over tasks of the mean over seeds; `worst` = mean over tasks of the
+worst seed. Writes results.json, results.md and results.png into the output folder, and each
+checkpoint's scores into its meta.json (`evaluation.<setting>`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import checkpoints
+from model.adapt import AdamState, adapt
+from model.bank.sampling import SEEDS, kshot
+from model.lm import LM, Params
+from model.meta_train import TaskSource, is_classification, task_source
+from model.prompts import Formatter, longest
+from model.scoring import Prefix, accuracy, encode_prefix, macro_f1, predict
+from model.settings import get_settings
+from model.task import Example, Task
+
+log = logging.getLogger("mamlserve.evaluate")
+
+
+def _autocast(lm: LM):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if lm.device.type == "cuda" else contextlib.nullcontext()
+
+
+def zero_shot_prefix(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], params: Params | None) -> Prefix:
+    rows = [r for q in queries for r in fmt.candidates(q.input, task.options_for(q) or [q.output])]
+    ids, _ = fmt.prefix(task.instruction, [], longest(rows))
+    return encode_prefix(lm, ids, params, 0)
+
+
+def score(lm: LM, task: Task, queries: Sequence[Example], params: Params | None, fmt: Formatter,
+          classification: bool, zero_shot: bool = False) -> float:
+    """Macro-F1 (classification) or accuracy, 0-100, of predictions in context of task's demonstrations."""
+    with _autocast(lm):
+        prefix = zero_shot_prefix(lm, fmt, task, queries, params) if zero_shot else None
+        preds = predict(lm, task, queries, params=params, fmt=fmt, prefix=prefix)
+    out, gold = [p.output for p in preds], [q.output for q in queries]
+    return 100.0 * (macro_f1(out, gold) if classification else accuracy(out, gold))
+
+
+def fitting(fmt: Formatter, task: Task, queries: Sequence[Example]) -> tuple[Task | None, list[Example]]:
+    """Drop demonstrations and queries whose longest row exceeds half the prompt budget (the same
+    limit as meta-training): they could not stand beside any demonstration. Returns (None, [])
+    when nothing is left to evaluate."""
+    limit = fmt.budget // 2
+
+    def ok(e: Example) -> bool:
+        opts = task.options_for(e) or [e.output]
+        return longest(fmt.candidates(e.input, opts)) <= limit
+
+    demos = [d for d in task.demonstrations if ok(d)]
+    kept = [q for q in queries if ok(q)]
+    if not demos or not kept:
+        return None, []
+    return task.model_copy(update={"demonstrations": demos}), kept
+
+
+class Variant:
+    """One row of the comparison: parameters to start from and how to adapt from them."""
+
+    def __init__(self, name: str, space: str, params: Params | None, state: AdamState | None, lr: float):
+        self.name, self.space, self.params, self.state, self.lr = name, space, params, state, lr
+
+
+def checkpoint_variant(lm: LM, data_dir: Path, ckpt_id: str, adapt_lr: float | None) -> Variant:
+    params, state, meta = checkpoints.load(data_dir, ckpt_id, lm.device, lm.dtype)
+    checkpoints.check_compatible(meta, lm)
+    lr = adapt_lr or meta.get("hyperparameters", {}).get("inner_lr") or _default_lr(meta["space"])
+    return Variant(ckpt_id, meta["space"], params, state if meta.get("shared_moments") else None, lr)
+
+
+def _default_lr(space: str) -> float:
+    s = get_settings()
+    return s.adapt_lr_lora if space == "lora" else s.adapt_lr_full
+
+
+def evaluate(
+    lm: LM,
+    source: TaskSource,
+    variants: Sequence[Variant],
+    k: int = 16,
+    seeds: Sequence[int] = SEEDS,
+    n_test: int | None = None,
+    adapt_steps: int | None = None,
+    base_space: str = "lora",
+    base_lr: float | None = None,
+    fmt: Formatter | None = None,
+    max_tasks: int | None = None,
+    adapt_batch: int | None = None,
+    context_demos: int | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Scores per variant / mode / task / seed, and their summaries (see the module docstring)."""
+    s = get_settings()
+    fmt = fmt or Formatter(lm.encode, s.prompt_format, s.context_tokens)
+    steps = adapt_steps if adapt_steps is not None else s.adapt_steps
+    batch, ctx = adapt_batch or s.adapt_batch_size, context_demos if context_demos is not None else s.adapt_context_demos
+    tasks = source.held_out[:max_tasks] if max_tasks else source.held_out
+    rows = [("base", "zero_shot"), ("base", "icl")] + ([("base", "adapted")] if steps else [])
+    for v in variants:
+        rows += [(v.name, "icl")] + ([(v.name, "adapted")] if steps else [])
+    base = Variant("base", base_space, None, None, base_lr or _default_lr(base_space))
+    by_name = {"base": base} | {v.name: v for v in variants}
+    raw: dict[str, dict[str, dict[str, list[float]]]] = {f"{n}/{m}": {} for n, m in rows}
+    total, done, t0 = len(tasks) * len(seeds) * len(rows), 0, time.perf_counter()
+    for task in tasks:
+        cls = is_classification(task)
+        for seed in seeds:
+            ktask, queries = fitting(fmt, *kshot(task, k, seed, n_test=n_test))
+            if ktask is None:
+                log.warning("%s seed %d: no demonstration or query fits %d tokens; skipped", task.name, seed, fmt.budget)
+                done += len(rows)
+                continue
+            for name, mode in rows:
+                v = by_name[name]
+                if mode == "zero_shot":
+                    val = score(lm, ktask, queries, v.params, fmt, cls, zero_shot=True)
+                elif mode == "icl":
+                    val = score(lm, ktask, queries, v.params, fmt, cls)
+                else:
+                    with _autocast(lm):
+                        a = adapt(lm, ktask, mode=v.space, steps=steps, lr=v.lr, start=v.params,
+                                  state=v.state.detached() if v.state else None, seed=seed,
+                                  batch_size=batch, context_demos=ctx, fmt=fmt)
+                    adapted = {**(v.params or {}), **a.params}
+                    val = score(lm, ktask, queries, adapted, fmt, cls)
+                raw[f"{name}/{mode}"].setdefault(task.name, []).append(val)
+                done += 1
+                if progress:
+                    progress(done, total, f"{task.name} seed {seed} {name}/{mode}: {val:.1f}")
+        log.info("%s: %s", task.name, ", ".join(f"{r} {sum(x[task.name]) / len(x[task.name]):.1f}" for r, x in raw.items()))
+    return {
+        "setting": source.setting, "k": k, "seeds": list(seeds), "n_test": n_test, "adapt_steps": steps,
+        "tasks": [t.name for t in tasks], "model": {"name": lm.name, "sha256": lm.sha256},
+        "seconds": time.perf_counter() - t0,
+        "results": {r: summarise(x) for r, x in raw.items()},
+    }
+
+
+def summarise(per_task: dict[str, list[float]]) -> dict[str, Any]:
+    means = {t: sum(v) / len(v) for t, v in per_task.items()}
+    worst = {t: min(v) for t, v in per_task.items()}
+    n = max(len(per_task), 1)
+    return {"mean": sum(means.values()) / n, "worst": sum(worst.values()) / n, "per_task": means,
+            "per_task_worst": worst, "per_seed": per_task}
+
+
+# --------------------------------------------------------------------------- reports
+def markdown(report: dict[str, Any]) -> str:
+    res = report["results"]
+    names = list(dict.fromkeys(r.split("/")[0] for r in res))
+    lines = [f"# Held-out evaluation: {report['setting']}", "",
+             f"{len(report['tasks'])} tasks, k={report['k']}, seeds {report['seeds']}, "
+             f"{report['adapt_steps']} adaptation steps, model {report['model']['name']}. "
+             "Macro-F1 (classification) or accuracy, 0-100; mean over tasks of the mean / worst seed.", "",
+             "| variant | 0-shot | in context (mean) | in context (worst) | adapted (mean) | adapted (worst) |",
+             "|---|---|---|---|---|---|"]
+
+    def cell(key: str, what: str) -> str:
+        return f"{res[key][what]:.1f}" if key in res else "-"
+
+    for n in names:
+        lines.append(f"| {n} | {cell(n + '/zero_shot', 'mean')} | {cell(n + '/icl', 'mean')} | {cell(n + '/icl', 'worst')} "
+                     f"| {cell(n + '/adapted', 'mean')} | {cell(n + '/adapted', 'worst')} |")
+    lines += ["", "Per task (mean over seeds):", "", "| task | " + " | ".join(res) + " |", "|---|" + "---|" * len(res)]
+    for t in report["tasks"]:
+        lines.append(f"| {t} | " + " | ".join(f"{res[r]['per_task'].get(t, float('nan')):.1f}" for r in res) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    keys = list(res)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(keys) + 2), 4.5))
+    colors = {"zero_shot": "#999999", "icl": "#4C72B0", "adapted": "#DD8452"}
+    xs = range(len(keys))
+    ax.bar(xs, [res[k]["mean"] for k in keys], color=[colors.get(k.split("/")[-1], "#55A868") for k in keys])
+    ax.scatter(xs, [res[k]["worst"] for k in keys], color="black", marker="_", s=300, zorder=3, label="worst seed")
+    ax.set_xticks(list(xs), [_short(k) for k in keys], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("macro-F1 / accuracy (0-100)")
+    ax.set_title(f"held-out tasks of {report['setting']} (k={report['k']}, {len(report['seeds'])} seeds)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(key: str) -> str:
+    """'v0003-maml-lora-class_to_class/icl' -> 'v0003-maml-lora icl' (the setting is in the title)."""
+    name, mode = key.rsplit("/", 1)
+    return f"{'-'.join(name.split('-')[:3])} {mode}"
+
+
+def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "chart": out / "results.png"}
+    paths["json"].write_text(json.dumps(report, indent=2))
+    paths["markdown"].write_text(markdown(report))
+    chart(report, paths["chart"])
+    return paths
+
+
+def record(report: dict[str, Any], data_dir: Path, ckpt_ids: Sequence[str]) -> None:
+    """Write each checkpoint's summary into its meta.json."""
+    for c in ckpt_ids:
+        summary = {m: report["results"][f"{c}/{m}"]["mean"] for m in ("icl", "adapted") if f"{c}/{m}" in report["results"]}
+        summary |= {f"{m}_worst": report["results"][f"{c}/{m}"]["worst"] for m in ("icl", "adapted") if f"{c}/{m}" in report["results"]}
+        summary |= {"k": report["k"], "seeds": report["seeds"], "tasks": len(report["tasks"]),
+                    "base_icl": report["results"]["base/icl"]["mean"]}
+        checkpoints.update_meta(data_dir, c, evaluation={report["setting"]: summary})
+
+
+def shortest_tasks(lm: LM, tasks: list, n: int | None) -> list:
+    """The n tasks with the shortest rows (median tokens of input + longest option over the first
+    32 test examples): a short prompt budget would drop most queries of the others."""
+    def size(t) -> float:
+        rows = sorted(len(lm.encode(e.input)) + max(len(lm.encode(o)) for o in (t.options or e.options or [e.output]))
+                      for e in t.test[:32])
+        return rows[len(rows) // 2] if rows else float("inf")
+
+    ranked = sorted(tasks, key=lambda t: (size(t), t.name))
+    return ranked[:n] if n else ranked
+
+
+# --------------------------------------------------------------------------- CLI
+def load_for_eval(spec: str | None, data_dir: Path, device: str | None) -> LM:
+    from model.loading import load_lm
+
+    s = get_settings()
+    lm = load_lm(spec or s.base_model, data_dir, device or s.device, attn="sdpa")
+    if lm.device.type == "cuda":
+        lm.model.float()  # fp32 weights + bf16 autocast, as in meta-training
+    return lm
+
+
+def main(
+    setting: str = "class_to_class",
+    checkpoint: list[str] = [],  # noqa: B006 (typer reads the default)
+    model: str | None = None,
+    k: int = 16,
+    seeds: str = ",".join(map(str, SEEDS)),
+    n_test: int | None = None,
+    max_tasks: int | None = None,
+    adapt_steps: int | None = None,
+    adapt_lr: float | None = None,
+    adapt_batch: int | None = None,
+    context_demos: int | None = None,
+    shortest: bool = False,
+    context_tokens: int | None = None,
+    out: Path | None = None,
+    device: str | None = None,
+    data_dir: Path | None = None,
+) -> None:
+    """Evaluate the base model and checkpoints on a setting's held-out tasks; print where the report went.
+
+    adapt_lr: test-time lr for every variant (default: each checkpoint's meta-training inner lr,
+    the settings' adapt lr for the base). --shortest: take the max_tasks held-out tasks with the
+    shortest examples rather than the first ones (for short prompt budgets)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    s = get_settings()
+    ddir = data_dir or s.data_dir
+    lm = load_for_eval(model, ddir, device)
+    source = task_source(setting, ddir)
+    if shortest:
+        source.held_out = shortest_tasks(lm, source.held_out, max_tasks)
+    variants = [checkpoint_variant(lm, ddir, c, adapt_lr) for c in checkpoint]
+    fmt = Formatter(lm.encode, s.prompt_format, context_tokens or s.context_tokens)
+    report = evaluate(lm, source, variants, k, [int(x) for x in seeds.split(",")], n_test, adapt_steps,
+                      base_lr=adapt_lr, fmt=fmt, max_tasks=max_tasks, adapt_batch=adapt_batch,
+                      context_demos=context_demos)
+    out = out or ddir / "eval" / f"{setting}-{time.strftime('%Y%m%d-%H%M%S')}"
+    paths = write_report(report, out)
+    record(report, ddir, checkpoint)
+    print(markdown(report))
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+
+
+if __name__ == "__main__":
+    import typer
+
+    typer.run(main)
