@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,8 +61,9 @@ def _gguf_cache(gguf: Path, data_dir: Path) -> Path:
     folder = Path(data_dir) / "models" / f"{gguf.stem}-{key}"
     if (folder / "mamlserve.json").is_file():
         return folder
-    tmp = folder.with_suffix(".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a leftover without the marker is not a cache
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))  # one per process
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
@@ -69,8 +71,10 @@ def _gguf_cache(gguf: Path, data_dir: Path) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "mamlserve.json").write_text(json.dumps({"source": str(gguf), "source_sha256": file_sha256(gguf)}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)  # atomic: a half-written cache is never mistaken for a good one
+    try:
+        tmp.rename(folder)  # atomic: a half-written cache is never mistaken for a good one
+    except OSError:  # another process finished first: its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
