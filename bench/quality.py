@@ -107,7 +107,8 @@ def main() -> None:
         train_s[method] = time.perf_counter() - t
         logging.info("%s: %s in %.0f s", method, ids[method], train_s[method])
 
-    variants = [checkpoint_variant(lm, data_dir, ids[m], budget["inner_lr"]) for m in METHODS]
+    variants = [checkpoint_variant(lm, data_dir, ids[m], budget["inner_lr"], [t.name for t in source.held_out])
+                for m in METHODS]
     fmt = Formatter(lm.encode, get_settings().prompt_format, budget["context_tokens"])
     report = evaluate(lm, source, variants, ev["k"], ev["seeds"], ev["n_test"], ev["adapt_steps"],
                       base_space=budget["space"], base_lr=budget["inner_lr"], fmt=fmt, max_tasks=ev["max_tasks"],

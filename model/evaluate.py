@@ -14,7 +14,9 @@ option scoring (mean per-token log-likelihood, `model.scoring.predict`):
 Score: macro-F1 for classification tasks (one label set), accuracy otherwise, on 0-100. Per
 variant: `mean` = mean over tasks of the mean over seeds; `worst` = mean over tasks of the
 worst seed. Writes results.json, results.md and results.png into the output folder, and each
-checkpoint's scores into its meta.json (`evaluation.<setting>`).
+checkpoint's scores into its meta.json (`evaluation.<setting>`). A checkpoint whose meta.json
+lists any of the evaluated tasks among its meta-train tasks is refused: the committed settings
+can be regenerated after a checkpoint was trained, and that would leak.
 """
 
 from __future__ import annotations
@@ -86,9 +88,16 @@ class Variant:
         self.name, self.space, self.params, self.state, self.lr = name, space, params, state, lr
 
 
-def checkpoint_variant(lm: LM, data_dir: Path, ckpt_id: str, adapt_lr: float | None) -> Variant:
+def checkpoint_variant(lm: LM, data_dir: Path, ckpt_id: str, adapt_lr: float | None,
+                       held_out: Sequence[str] = ()) -> Variant:
+    """A checkpoint as a row of the comparison; refuses one meta-trained on any of `held_out`."""
     params, state, meta = checkpoints.load(data_dir, ckpt_id, lm.device, lm.dtype)
     checkpoints.check_compatible(meta, lm)
+    seen = set(meta.get("meta_train_tasks") or ()) & set(held_out)
+    if seen:
+        raise checkpoints.CheckpointError(
+            f"checkpoint {ckpt_id} was meta-trained on {len(seen)} of these held-out tasks ({', '.join(sorted(seen)[:3])}, ...): "
+            "the setting changed since it was trained")
     lr = adapt_lr or meta.get("hyperparameters", {}).get("inner_lr") or _default_lr(meta["space"])
     return Variant(ckpt_id, meta["space"], params, state if meta.get("shared_moments") else None, lr)
 
@@ -275,6 +284,7 @@ def main(
     adapt_batch: int | None = None,
     context_demos: int | None = None,
     shortest: bool = False,
+    settings_dir: Path | None = None,
     context_tokens: int | None = None,
     out: Path | None = None,
     device: str | None = None,
@@ -289,10 +299,11 @@ def main(
     s = get_settings()
     ddir = data_dir or s.data_dir
     lm = load_for_eval(model, ddir, device)
-    source = task_source(setting, ddir)
+    source = task_source(setting, ddir, settings_dir)
     if shortest:
         source.held_out = shortest_tasks(lm, source.held_out, max_tasks)
-    variants = [checkpoint_variant(lm, ddir, c, adapt_lr) for c in checkpoint]
+    names = [t.name for t in source.held_out]
+    variants = [checkpoint_variant(lm, ddir, c, adapt_lr, names) for c in checkpoint]
     fmt = Formatter(lm.encode, s.prompt_format, context_tokens or s.context_tokens)
     report = evaluate(lm, source, variants, k, [int(x) for x in seeds.split(",")], n_test, adapt_steps,
                       base_lr=adapt_lr, fmt=fmt, max_tasks=max_tasks, adapt_batch=adapt_batch,

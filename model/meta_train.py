@@ -57,6 +57,8 @@ state, step) continues exactly as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import random
 import time
@@ -455,9 +457,18 @@ class MetaTrainer:
 
 
 # --------------------------------------------------------------------------- entry point
-def _meta(cfg: MetaTrainConfig, lm: LM, status: str, step: int, parent: str | None, history: list) -> dict[str, Any]:
+def setting_fingerprint(source: TaskSource) -> str:
+    """sha256 of the setting's two task lists: the committed settings files can be regenerated."""
+    text = json.dumps([sorted(t.name for t in source.meta_train), sorted(t.name for t in source.held_out)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _meta(cfg: MetaTrainConfig, lm: LM, source: TaskSource, status: str, step: int, parent: str | None,
+          history: list) -> dict[str, Any]:
     return {
         "method": cfg.method, "space": cfg.space, "setting": cfg.setting, "status": status,
+        # what this checkpoint has seen: the evaluation refuses held-out tasks that are in here
+        "meta_train_tasks": sorted(t.name for t in source.meta_train), "setting_sha256": setting_fingerprint(source),
         "step": step, "total_steps": cfg.steps, "parent": parent, "shared_moments": cfg.shared,
         "order": cfg.order, "seed": cfg.seed,
         "hyperparameters": {
@@ -514,7 +525,7 @@ def meta_train(
 
     def save(status: str) -> None:
         checkpoints.save(cfg.dir, ckpt_id, trainer.params, trainer.state,
-                         _meta(cfg, lm, status, trainer.step_no, parent, history))
+                         _meta(cfg, lm, source, status, trainer.step_no, parent, history))
 
     save("running" if trainer.step_no < cfg.steps else "done")
     status = "done"

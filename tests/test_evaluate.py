@@ -34,7 +34,9 @@ def test_evaluate_base_and_checkpoints_writes_reports(lm, tmp_path):
     kw = dict(setting="synthetic", steps=2, tasks_per_step=2, support_size=6, query_size=3, context_tokens=128,
               data_dir=tmp_path, inner_lr=1e-2, outer_lr=1e-2)
     ids = [meta_train(MetaTrainConfig(method=m, **kw), lm=lm, source=source) for m in ("maml", "metaicl")]
-    variants = [checkpoint_variant(lm, tmp_path, c, None) for c in ids]
+    variants = [checkpoint_variant(lm, tmp_path, c, None, [t.name for t in source.held_out]) for c in ids]
+    with pytest.raises(checkpoints.CheckpointError, match="meta-trained on"):  # a held-out task it has seen
+        checkpoint_variant(lm, tmp_path, ids[0], None, [source.meta_train[0].name])
     assert variants[0].state is not None and variants[1].state is None  # moments only where they were shared
     report = evaluate(lm, source, variants, k=4, seeds=[1, 2], n_test=6, adapt_steps=1, max_tasks=2,
                       fmt=Formatter(lm.encode, budget=128))

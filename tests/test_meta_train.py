@@ -137,6 +137,7 @@ def test_checkpoint_metadata_and_registry(lm, source, tmp_path):
     params, state, meta = checkpoints.load_checkpoint(tmp_path, b)
     assert set(params) == set(lm.full_names) and set(state.m) == set(params) and isinstance(state, AdamState)
     assert meta["base_model"] == {"name": "tiny", "sha256": lm.sha256}
+    assert meta["meta_train_tasks"] == sorted(t.name for t in source.meta_train) and len(meta["setting_sha256"]) == 64
     assert meta["hyperparameters"]["inner_lr"] == 1e-3 and meta["shared_moments"] is True and meta["order"] == 2
     assert checkpoints.read_meta(tmp_path, a)["shared_moments"] is False
     checkpoints.check_compatible(meta, lm)
