@@ -48,7 +48,9 @@ Practicalities. Second order needs attention with a double backward: the step ru
 with the layer's *current* parameter tensors passed in explicitly: the model runs under
 `functional_call`, and HF's own checkpointing would recompute with the module's original
 weights (wrong gradients, silently). The result is bit-identical to no checkpointing, first
-and second order (tests check it). On CUDA the meta-parameters are fp32 and the forward runs
+and second order (tests check it). What it saves (SmolLM2, CPU, peak RSS, 2k tokens a step):
+fomaml/full 6.9 -> 5.3 GB, maml/lora 8.6 -> 7.5 GB, maml/full 15.7 -> 15.3 GB: little for second
+order, whose create_graph backward keeps the recomputed activations alive anyway. On CUDA the meta-parameters are fp32 and the forward runs
 under bf16 autocast. Each step's task and example draws come from `random.Random` seeded by
 (seed, step) — no global RNG is read — so a run resumed from a checkpoint (params, Adam
 state, step) continues exactly as an uninterrupted one.
