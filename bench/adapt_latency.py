@@ -4,11 +4,12 @@ The inner steps are the service's defaults (batch of 4 leave-one-out queries, 4 
 demonstrations each); the support loss before/after is printed so a fast-but-useless run
 shows. Goal: LoRA <= 30 s on 2 CPU cores, <= 1 s on a CUDA device.
 
-    python bench/adapt_latency.py [--model smollm2] [--steps 5] [--device auto]
+    python bench/adapt_latency.py [--model smollm2] [--steps 5] [--device auto] [--repeats 3]
 """
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode; the median is reported")
     args = ap.parse_args()
     s = get_settings()
 
@@ -45,12 +47,16 @@ def main() -> None:
 
     out = {"model": args.model, "device": str(lm.device), "threads": torch.get_num_threads(), "steps": args.steps}
     for mode, lr in (("lora", s.adapt_lr_lora), ("full", s.adapt_lr_full)):
-        sync(lm.device)
-        t0 = time.perf_counter()
-        a = adapt(lm, task, mode, steps=args.steps, lr=lr, batch_size=s.adapt_batch_size, context_demos=s.adapt_context_demos)
-        sync(lm.device)
-        dt = time.perf_counter() - t0
-        print(f"{mode}: {dt:.2f} s, support loss {a.loss_before:.3f} -> {a.loss_after:.3f}")
+        times = []
+        for _ in range(args.repeats):
+            sync(lm.device)
+            t0 = time.perf_counter()
+            a = adapt(lm, task, mode, steps=args.steps, lr=lr, batch_size=s.adapt_batch_size,
+                      context_demos=s.adapt_context_demos)
+            sync(lm.device)
+            times.append(time.perf_counter() - t0)
+        dt = statistics.median(times)
+        print(f"{mode}: {dt:.2f} s (runs {', '.join(f'{x:.2f}' for x in times)}), support loss {a.loss_before:.3f} -> {a.loss_after:.3f}")
         out[f"{mode}_s"] = round(dt, 3)
         out[f"{mode}_loss"] = [round(a.loss_before, 4), round(a.loss_after, 4)]
     out["full_over_lora"] = round(out["full_s"] / out["lora_s"], 2)
