@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode; the median is reported")
     args = ap.parse_args()
     s = get_settings()
@@ -41,11 +42,11 @@ def main() -> None:
     data = json.loads(FIXTURE.read_text())
     demos = [Example(**e) for e in data["examples"]][:: max(1, 30 // args.shots)][: args.shots]
     task = Task(demonstrations=demos, instruction=data["instruction"], options=data["options"])
-    lm = load_lm(args.model, s.data_dir, device=args.device)
+    lm = load_lm(args.model, s.data_dir, device=args.device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     for mode in ("lora", "full"):  # warm-up: allocator, kernels, first-use library loads
         adapt(lm, task, mode, steps=1, lr=s.adapt_lr_lora)
 
-    out = {"model": args.model, "device": str(lm.device), "threads": torch.get_num_threads(), "steps": args.steps}
+    out = {"model": args.model, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "steps": args.steps}
     for mode, lr in (("lora", s.adapt_lr_lora), ("full", s.adapt_lr_full)):
         times = []
         for _ in range(args.repeats):

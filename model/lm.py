@@ -96,9 +96,11 @@ class LM:
     def __call__(self, params: Mapping[str, Tensor] | None = None, **kwargs):
         """Forward with `params` overriding the module's parameters (None: the module as loaded).
 
-        On CUDA under bf16 autocast (fp32 weights); on CPU in fp32.
+        A bf16 model on CUDA runs under bf16 autocast (its trained overrides are fp32 masters);
+        an fp32 model runs in fp32, on CPU and on CUDA alike.
         """
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        amp = self.device.type == "cuda" and self.dtype == torch.bfloat16
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             if not params:
                 return self.model(**kwargs)
             return functional_call(self.model, dict(params), args=(), kwargs=kwargs, strict=False)

@@ -76,7 +76,8 @@ class Runtime:
         if s.torch_threads:  # two workers on one machine: split the cores, or they fight over them
             torch.set_num_threads(s.torch_threads)
         prepare_model(s)
-        self.lm: LM = load_lm(s.base_model, s.data_dir, s.device, lora_spec(s))
+        dtype = None if s.dtype == "auto" else getattr(torch, s.dtype)
+        self.lm: LM = load_lm(s.base_model, s.data_dir, s.device, lora_spec(s), dtype=dtype)
         self.fmt = Formatter(self.lm.encode, s.prompt_format, s.context_tokens)
         self.store = Store.from_url(s.redis_url)
         self.cache = redis.Redis.from_url(s.cache_redis_url, health_check_interval=30)
