@@ -9,6 +9,7 @@ full-model parameters as peft sees the base (`...q_proj.base_layer.weight`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -97,10 +98,11 @@ class LM:
         """Forward with `params` overriding the module's parameters (None: the module as loaded).
 
         A bf16 model on CUDA runs under bf16 autocast (its trained overrides are fp32 masters);
-        an fp32 model runs in fp32, on CPU and on CUDA alike.
+        an fp32 model runs in whatever autocast context the caller set (meta-training and the
+        evaluation choose bf16 autocast over fp32 weights): `enabled=False` here would cancel it.
         """
         amp = self.device.type == "cuda" and self.dtype == torch.bfloat16
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
             if not params:
                 return self.model(**kwargs)
             return functional_call(self.model, dict(params), args=(), kwargs=kwargs, strict=False)
