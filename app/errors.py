@@ -7,20 +7,25 @@ from pydantic import ValidationError
 
 from app.schemas import Error
 
+def _error(description: str) -> dict:
+    return {"model": Error, "description": description}
+
+
+_AUTH, _SIZE = _error("missing or unknown API key"), _error("request body too large")
 ERRORS = {
-    401: {"model": Error, "description": "missing or unknown API key"},
-    404: {"model": Error, "description": "no such task (or another tenant's)"},
-    409: {"model": Error, "description": "the task is not ready"},
-    413: {"model": Error, "description": "request body too large"},
-    503: {"model": Error, "description": "the queue is down or no worker answered in time"},
+    401: _AUTH,
+    404: _error("no such task (or another tenant's)"),
+    409: _error("the task is not ready"),
+    413: _SIZE,
+    503: _error("the queue is down or no worker answered in time"),
 }
 ADMIN_ERRORS = {
-    401: {"model": Error, "description": "missing or unknown API key"},
-    403: {"model": Error, "description": "not the admin key"},
-    404: {"model": Error, "description": "no such job or checkpoint"},
-    409: {"model": Error, "description": "not in a state that allows this"},
-    413: {"model": Error, "description": "request body too large"},
-    503: {"model": Error, "description": "the queue is down"},
+    401: _AUTH,
+    403: _error("not the admin key"),
+    404: _error("no such job or checkpoint"),
+    409: _error("not in a state that allows this"),
+    413: _SIZE,
+    503: _error("the queue is down"),
 }
 
 
