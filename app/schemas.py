@@ -17,13 +17,15 @@ class Error(BaseModel):
 
 
 class Adaptation(BaseModel):
-    """How to adapt: defaults come from the settings (MAMLSERVE_ADAPT_*)."""
+    """How to adapt: defaults come from the settings (MAMLSERVE_ADAPT_*), except the lr from a
+    meta-trained checkpoint in its own space (LoRA or full), which is its meta-training inner lr."""
 
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["lora", "full", "none"] | None = Field(None, description="lora | full | none (in context only)")
     steps: int | None = Field(None, ge=0, description="inner steps; at most the setting adapt_max_steps")
-    lr: float | None = Field(None, gt=0, le=1, description="learning rate")
+    lr: float | None = Field(None, gt=0, le=1, description="learning rate; default: the checkpoint's meta-training inner lr "
+                              "when adapting in the space it was meta-trained in, else MAMLSERVE_ADAPT_LR_LORA / _FULL")
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 

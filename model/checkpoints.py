@@ -147,6 +147,13 @@ def load_checkpoint(data_dir: Path, ckpt_id: str, device: torch.device | str = "
     return load(data_dir, ckpt_id, device, dtype)
 
 
+def inner_lr(meta: Mapping[str, Any], mode: str) -> float | None:
+    """The lr a checkpoint was meta-trained to be adapted with, when adapting in its own space:
+    a meta-learned initialisation is tuned to that step size, and the default one can undo it."""
+    lr = meta.get("hyperparameters", {}).get("inner_lr")
+    return float(lr) if lr and meta.get("space") == mode else None
+
+
 def check_compatible(meta: Mapping[str, Any], lm: LM) -> None:
     """A checkpoint only makes sense on the base model (and LoRA layout) it was trained on."""
     base = meta.get("base_model", {})

@@ -55,13 +55,20 @@ def zero_shot_prefix(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Examp
 
 
 def score(lm: LM, task: Task, queries: Sequence[Example], params: Params | None, fmt: Formatter,
-          classification: bool, zero_shot: bool = False) -> float:
-    """Macro-F1 (classification) or accuracy, 0-100, of predictions in context of task's demonstrations."""
+          classification: bool, zero_shot: bool = False) -> tuple[float, float | None]:
+    """(macro-F1 for classification or accuracy, gold probability), both 0-100, of predictions in
+    context of task's demonstrations. The gold probability is the softmax over each query's
+    length-normalised option scores, at the gold option, averaged: it moves with every query's
+    scores, not only with flipped argmaxes, so it separates models on fewer queries than F1
+    (None for generation tasks)."""
     with _autocast(lm):
         prefix = zero_shot_prefix(lm, fmt, task, queries, params) if zero_shot else None
         preds = predict(lm, task, queries, params=params, fmt=fmt, prefix=prefix)
     out, gold = [p.output for p in preds], [q.output for q in queries]
-    return 100.0 * (macro_f1(out, gold) if classification else accuracy(out, gold))
+    probs = [torch.tensor(list(p.scores.values()), dtype=torch.float64).softmax(0)[list(p.scores).index(q.output)].item()
+             for p, q in zip(preds, queries) if p.scores and q.output in p.scores]
+    return (100.0 * (macro_f1(out, gold) if classification else accuracy(out, gold)),
+            100.0 * sum(probs) / len(probs) if probs else None)
 
 
 def fitting(fmt: Formatter, task: Task, queries: Sequence[Example]) -> tuple[Task | None, list[Example]]:
@@ -98,7 +105,7 @@ def checkpoint_variant(lm: LM, data_dir: Path, ckpt_id: str, adapt_lr: float | N
         raise checkpoints.CheckpointError(
             f"checkpoint {ckpt_id} was meta-trained on {len(seen)} of these held-out tasks ({', '.join(sorted(seen)[:3])}, ...): "
             "the setting changed since it was trained")
-    lr = adapt_lr or meta.get("hyperparameters", {}).get("inner_lr") or _default_lr(meta["space"])
+    lr = adapt_lr or checkpoints.inner_lr(meta, meta["space"]) or _default_lr(meta["space"])
     return Variant(ckpt_id, meta["space"], params, state if meta.get("shared_moments") else None, lr)
 
 
@@ -122,8 +129,13 @@ def evaluate(
     adapt_batch: int | None = None,
     context_demos: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    journal: Path | None = None,
 ) -> dict[str, Any]:
-    """Scores per variant / mode / task / seed, and their summaries (see the module docstring)."""
+    """Scores per variant / mode / task / seed, and their summaries (see the module docstring).
+
+    journal: a JSON-lines file every score is appended to as soon as it is known; an evaluation
+    given the journal of an interrupted one (same variants and protocol) reuses its scores, so a
+    long evaluation can run as a series of time-limited commands."""
     s = get_settings()
     fmt = fmt or Formatter(lm.encode, s.prompt_format, s.context_tokens)
     steps = adapt_steps if adapt_steps is not None else s.adapt_steps
@@ -135,7 +147,13 @@ def evaluate(
     base = Variant("base", base_space, None, None, base_lr or _default_lr(base_space))
     by_name = {"base": base} | {v.name: v for v in variants}
     raw: dict[str, dict[str, dict[str, list[float]]]] = {f"{n}/{m}": {} for n, m in rows}
+    raw_prob: dict[str, dict[str, dict[str, list[float]]]] = {f"{n}/{m}": {} for n, m in rows}
     total, done, t0 = len(tasks) * len(seeds) * len(rows), 0, time.perf_counter()
+    protocol = {"setting": source.setting, "tasks": [t.name for t in tasks], "rows": [f"{n}/{m}" for n, m in rows],
+                "k": k, "seeds": list(seeds), "n_test": n_test, "adapt_steps": steps, "adapt_batch": batch,
+                "context_demos": ctx, "budget": fmt.budget, "lrs": {v.name: v.lr for v in by_name.values()},
+                "model": lm.sha256}
+    known = _open_journal(journal, protocol) if journal else {}
     for task in tasks:
         cls = is_classification(task)
         for seed in seeds:
@@ -146,18 +164,26 @@ def evaluate(
                 continue
             for name, mode in rows:
                 v = by_name[name]
-                if mode == "zero_shot":
-                    val = score(lm, ktask, queries, v.params, fmt, cls, zero_shot=True)
+                key = f"{name}/{mode}|{task.name}|{seed}"
+                if key in known:
+                    val, prob = known[key]
+                elif mode == "zero_shot":
+                    val, prob = score(lm, ktask, queries, v.params, fmt, cls, zero_shot=True)
                 elif mode == "icl":
-                    val = score(lm, ktask, queries, v.params, fmt, cls)
+                    val, prob = score(lm, ktask, queries, v.params, fmt, cls)
                 else:
                     with _autocast(lm):
                         a = adapt(lm, ktask, mode=v.space, steps=steps, lr=v.lr, start=v.params,
                                   state=v.state.detached() if v.state else None, seed=seed,
                                   batch_size=batch, context_demos=ctx, fmt=fmt)
                     adapted = {**(v.params or {}), **a.params}
-                    val = score(lm, ktask, queries, adapted, fmt, cls)
+                    val, prob = score(lm, ktask, queries, adapted, fmt, cls)
+                if journal and key not in known:
+                    with open(journal, "a") as f:
+                        f.write(json.dumps({"key": key, "score": val, "gold_prob": prob}) + "\n")
                 raw[f"{name}/{mode}"].setdefault(task.name, []).append(val)
+                if prob is not None:
+                    raw_prob[f"{name}/{mode}"].setdefault(task.name, []).append(prob)
                 done += 1
                 if progress:
                     progress(done, total, f"{task.name} seed {seed} {name}/{mode}: {val:.1f}")
@@ -166,16 +192,63 @@ def evaluate(
         "setting": source.setting, "k": k, "seeds": list(seeds), "n_test": n_test, "adapt_steps": steps,
         "tasks": [t.name for t in tasks], "model": {"name": lm.name, "sha256": lm.sha256},
         "seconds": time.perf_counter() - t0,
-        "results": {r: summarise(x) for r, x in raw.items()},
+        "results": {r: summarise(x) | {"gold_prob": summarise(raw_prob[r])} for r, x in raw.items()},
     }
+
+
+def _open_journal(path: Path, protocol: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
+    """The scores an earlier run of the same protocol journaled; a new journal starts with the protocol."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else ""
+    if not text.endswith("\n"):  # a killed run's last line is cut short: drop it before appending
+        text = text[: text.rfind("\n") + 1]
+    lines = text.splitlines()
+    if not lines:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"protocol": protocol}) + "\n")
+        return {}
+    path.write_text(text)
+    head = json.loads(lines[0]).get("protocol")
+    if head != json.loads(json.dumps(protocol)):
+        raise ValueError(f"journal {path} belongs to another evaluation (its protocol differs); use a new one")
+    known = {}
+    for line in lines[1:]:
+        e = json.loads(line)
+        known[e["key"]] = (e["score"], e["gold_prob"])
+    log.info("journal %s: %d scores reused", path, len(known))
+    return known
 
 
 def summarise(per_task: dict[str, list[float]]) -> dict[str, Any]:
     means = {t: sum(v) / len(v) for t, v in per_task.items()}
     worst = {t: min(v) for t, v in per_task.items()}
-    n = max(len(per_task), 1)
-    return {"mean": sum(means.values()) / n, "worst": sum(worst.values()) / n, "per_task": means,
-            "per_task_worst": worst, "per_seed": per_task}
+    n = len(per_task)
+    return {"mean": sum(means.values()) / n if n else None, "worst": sum(worst.values()) / n if n else None,
+            "per_task": means, "per_task_worst": worst, "per_seed": per_task}
+
+
+MIN_TASKS = 5
+
+
+def paired(report: dict[str, Any], a: str, b: str, metric: str | None = None, n_boot: int = 10_000,
+           seed: int = 0) -> dict[str, Any]:
+    """Row a minus row b (e.g. "v0001-…/icl" vs "v0003-…/icl"), paired by task and seed: the mean
+    difference over tasks and a 95% bootstrap interval that resamples tasks (the unit the result
+    should generalise over). `separated` is true when the interval excludes 0 over at least
+    MIN_TASKS tasks (with fewer, resampling cannot tell). metric None: the score (F1 / accuracy);
+    "gold_prob": the gold probability."""
+    ra, rb = report["results"][a], report["results"][b]
+    if metric:
+        ra, rb = ra[metric], rb[metric]
+    common = [t for t in ra["per_seed"] if t in rb["per_seed"] and len(ra["per_seed"][t]) == len(rb["per_seed"][t])]
+    if not common:
+        return {"diff": None, "ci95": None, "tasks": 0, "separated": False}
+    d = torch.tensor([sum(x - y for x, y in zip(ra["per_seed"][t], rb["per_seed"][t])) / len(ra["per_seed"][t])
+                      for t in common], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    boot = d[torch.randint(len(d), (n_boot, len(d)), generator=g)].mean(1)
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"diff": d.mean().item(), "ci95": [lo, hi], "tasks": len(common), "separated": len(d) >= MIN_TASKS and (lo > 0 or hi < 0)}
 
 
 # --------------------------------------------------------------------------- reports
@@ -186,15 +259,26 @@ def markdown(report: dict[str, Any]) -> str:
              f"{len(report['tasks'])} tasks, k={report['k']}, seeds {report['seeds']}, "
              f"{report['adapt_steps']} adaptation steps, model {report['model']['name']}. "
              "Macro-F1 (classification) or accuracy, 0-100; mean over tasks of the mean / worst seed.", "",
-             "| variant | 0-shot | in context (mean) | in context (worst) | adapted (mean) | adapted (worst) |",
-             "|---|---|---|---|---|---|"]
+             "| variant | 0-shot | in context (mean) | in context (worst) | adapted (mean) | adapted (worst) "
+             "| gold p, in context | gold p, adapted |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def cell(key: str, what: str) -> str:
-        return f"{res[key][what]:.1f}" if key in res else "-"
+        r = res.get(key, {})
+        val = r.get("gold_prob", {}).get("mean") if what == "gold_prob" else r.get(what)
+        return "-" if val is None else f"{val:.1f}"
 
     for n in names:
         lines.append(f"| {n} | {cell(n + '/zero_shot', 'mean')} | {cell(n + '/icl', 'mean')} | {cell(n + '/icl', 'worst')} "
-                     f"| {cell(n + '/adapted', 'mean')} | {cell(n + '/adapted', 'worst')} |")
+                     f"| {cell(n + '/adapted', 'mean')} | {cell(n + '/adapted', 'worst')} "
+                     f"| {cell(n + '/icl', 'gold_prob')} | {cell(n + '/adapted', 'gold_prob')} |")
+    if report.get("comparisons"):
+        lines += ["", "Paired differences (row a minus row b, by task and seed; 95% bootstrap interval over tasks):", "",
+                  "| a | b | metric | difference | 95% interval | separated |", "|---|---|---|---|---|---|"]
+        for c in report["comparisons"]:
+            ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]"
+            diff = "-" if c["diff"] is None else f"{c['diff']:+.1f}"
+            lines.append(f"| {c['a']} | {c['b']} | {c['metric']} | {diff} | {ci} | {'yes' if c['separated'] else 'no'} |")
     lines += ["", "Per task (mean over seeds):", "", "| task | " + " | ".join(res) + " |", "|---|" + "---|" * len(res)]
     for t in report["tasks"]:
         lines.append(f"| {t} | " + " | ".join(f"{res[r]['per_task'].get(t, float('nan')):.1f}" for r in res) + " |")
@@ -287,6 +371,7 @@ def main(
     settings_dir: Path | None = None,
     context_tokens: int | None = None,
     out: Path | None = None,
+    journal: Path | None = None,
     device: str | None = None,
     data_dir: Path | None = None,
 ) -> None:
@@ -294,7 +379,8 @@ def main(
 
     adapt_lr: test-time lr for every variant (default: each checkpoint's meta-training inner lr,
     the settings' adapt lr for the base). --shortest: take the max_tasks held-out tasks with the
-    shortest examples rather than the first ones (for short prompt budgets)."""
+    shortest examples rather than the first ones (for short prompt budgets). journal: a file scores
+    are appended to as they come; the same command with the same journal resumes where it stopped."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     s = get_settings()
     ddir = data_dir or s.data_dir
@@ -307,7 +393,7 @@ def main(
     fmt = Formatter(lm.encode, s.prompt_format, context_tokens or s.context_tokens)
     report = evaluate(lm, source, variants, k, [int(x) for x in seeds.split(",")], n_test, adapt_steps,
                       base_lr=adapt_lr, fmt=fmt, max_tasks=max_tasks, adapt_batch=adapt_batch,
-                      context_demos=context_demos)
+                      context_demos=context_demos, journal=journal)
     out = out or ddir / "eval" / f"{setting}-{time.strftime('%Y%m%d-%H%M%S')}"
     paths = write_report(report, out)
     record(report, ddir, checkpoint)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from model import checkpoints
-from model.evaluate import checkpoint_variant, evaluate, record, summarise, write_report
+from model.bank.sampling import kshot
+from model.evaluate import checkpoint_variant, evaluate, fitting, paired, record, score, summarise, write_report
 from model.meta_train import MetaTrainConfig, meta_train, synthetic_source
 from model.prompts import Formatter
 from tests.helpers import tiny_lm
@@ -71,3 +72,66 @@ def test_cli_meta_train_then_evaluate(tmp_path):
          context_tokens=128, out=out, device="cpu", data_dir=tmp_path)
     assert (out / "results.png").is_file() and f"{ckpt}/adapted" in json.loads((out / "results.json").read_text())["results"]
     assert checkpoints.read_meta(tmp_path, ckpt)["evaluation"]["synthetic"]["k"] == 4
+
+
+def _report(per_seed_a: dict[str, list[float]], per_seed_b: dict[str, list[float]]) -> dict:
+    return {"results": {"a/icl": summarise(per_seed_a), "b/icl": summarise(per_seed_b)}}
+
+
+def test_paired_difference_interval_and_verdict():
+    tasks = [f"t{i}" for i in range(6)]
+    base = {t: [10.0 * i, 10.0 * i + 4] for i, t in enumerate(tasks)}
+    better = {t: [x + 5 for x in v] for t, v in base.items()}
+    c = paired(_report(better, base), "a/icl", "b/icl")
+    assert c["diff"] == pytest.approx(5.0) and c["ci95"] == pytest.approx([5.0, 5.0]) and c["separated"]
+    assert c["tasks"] == 6
+    # a gain on half the tasks and an equal loss on the others: the interval spans 0
+    mixed = {t: [x + (8 if i % 2 else -8) for x in base[t]] for i, t in enumerate(tasks)}
+    c = paired(_report(mixed, base), "a/icl", "b/icl")
+    assert c["diff"] == pytest.approx(0.0) and c["ci95"][0] < 0 < c["ci95"][1] and not c["separated"]
+    # too few tasks to resample: no verdict, however consistent the difference
+    few = {t: base[t] for t in tasks[:3]}
+    assert not paired(_report({t: [x + 5 for x in v] for t, v in few.items()}, few), "a/icl", "b/icl")["separated"]
+
+
+def test_journal_resumes_an_interrupted_evaluation(lm, tmp_path, monkeypatch):
+    import model.evaluate as ev
+
+    source = synthetic_source()
+    kw = dict(k=4, seeds=[1, 2], n_test=6, adapt_steps=1, max_tasks=2, fmt=Formatter(lm.encode, budget=128))
+    journal = tmp_path / "journal.jsonl"
+    full = evaluate(lm, source, [], journal=journal, **kw)["results"]
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 1 + 2 * 2 * 3  # the protocol, then tasks x seeds x rows
+    # a run killed mid-write: the last scores are missing, the last line is cut short
+    journal.write_text("\n".join(lines[:8]) + "\n" + lines[8][:10])
+    calls = []
+    real = ev.score
+    monkeypatch.setattr(ev, "score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = evaluate(lm, source, [], journal=journal, **kw)["results"]
+    assert len(calls) == 12 - 7  # only what the journal lacked (7 complete scores survived) was scored again
+    assert again == full
+    assert all(json.loads(x) for x in journal.read_text().splitlines())  # the cut line is gone
+    calls.clear()
+    assert evaluate(lm, source, [], journal=journal, **kw)["results"] == full and not calls
+    with pytest.raises(ValueError, match="another evaluation"):  # another protocol never mixes in
+        evaluate(lm, source, [], journal=journal, **{**kw, "seeds": [1, 3]})
+
+
+def test_gold_probability_rises_with_the_gold_options_score(lm, monkeypatch):
+    source = synthetic_source()
+    task = source.held_out[0]
+    ktask, queries = fitting(Formatter(lm.encode, budget=128), *kshot(task, 4, 1, n_test=6))
+    fmt = Formatter(lm.encode, budget=128)
+    f1, prob = score(lm, ktask, queries, None, fmt, True)
+    assert 0 <= f1 <= 100 and 0 < prob < 100
+    # push every query's gold option to the top: its probability must approach 100
+    import model.evaluate as ev
+    from model.scoring import Prediction
+
+    def oracle(lm_, task_, queries_, **kw):
+        return [Prediction(q.output, {o: (0.0 if o == q.output else -30.0) for o in task_.options_for(q)}) for q in queries_]
+
+    monkeypatch.setattr(ev, "predict", oracle)
+    f1, prob = score(lm, ktask, queries, None, fmt, True)
+    assert f1 == 100.0 and prob > 99.9

@@ -23,7 +23,7 @@ def wait_job(client, job_id: str, states: tuple[str, ...], timeout: float = 180)
 
 def test_meta_train_job_checkpoint_listed_and_activatable(client):
     r = client.post("/admin/meta-train", json={"setting": "synthetic", "method": "fomaml", "space": "lora",
-                                               "hyperparameters": {"steps": 2, **SMALL}}, headers=ADMIN)
+                                               "hyperparameters": {"steps": 2, "inner_lr": 0.02, **SMALL}}, headers=ADMIN)
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["id"], ("succeeded", "failed"))
     assert job["state"] == "succeeded", job["error"]
@@ -40,6 +40,7 @@ def test_meta_train_job_checkpoint_listed_and_activatable(client):
     try:
         task = client.post("/tasks", json={**sentiment(tag="from-ckpt"), "adaptation": {"steps": 2}}, headers=auth()).json()
         assert task["checkpoint"] == ckpt
+        assert task["lr"] == 0.02  # adapted with the step size it was meta-trained for
         wait_status(client, task["id"])
         r = client.post("/predict", json={"task_id": task["id"], "inputs": ["a joy"]}, headers=auth())
         assert r.status_code == 200, r.text
@@ -51,7 +52,13 @@ def test_meta_train_job_checkpoint_listed_and_activatable(client):
     # naming a checkpoint explicitly works whatever is active
     task = client.post("/tasks", json={**sentiment(tag="named-ckpt"), "checkpoint": ckpt, "adaptation": {"steps": 1}},
                        headers=auth()).json()
-    assert task["checkpoint"] == ckpt
+    assert task["checkpoint"] == ckpt and task["lr"] == 0.02
+    # an explicit lr wins; another space (full) keeps the settings' default; so does the base model
+    lrs = [client.post("/tasks", json={**sentiment(tag=f"lr-{i}"), "checkpoint": c, "adaptation": a},
+                       headers=auth()).json()["lr"]
+           for i, (c, a) in enumerate([(ckpt, {"steps": 1, "lr": 0.003}), (ckpt, {"mode": "full", "steps": 1}),
+                                       ("base", {"steps": 1})])]
+    assert lrs == [0.003, 1e-5, 1e-3]
 
 
 def test_cancel_running_job(client):

@@ -10,6 +10,7 @@ from model.lm import LM, Params
 from model.settings import Settings
 
 CheckpointError = registry.CheckpointError
+inner_lr = registry.inner_lr
 
 
 def listing(s: Settings) -> list[dict[str, Any]]:

@@ -53,6 +53,16 @@ def resolve_checkpoint(s, store, requested: str | None) -> str:
     return requested
 
 
+def checkpoint_lr(s, ckpt: str, mode: str) -> float | None:
+    """A meta-trained checkpoint adapts with its meta-training inner lr in its own space."""
+    if ckpt == BASE:
+        return None
+    try:
+        return checkpoints.inner_lr(checkpoints.meta(s, ckpt), mode)
+    except checkpoints.CheckpointError:  # the active one was deleted: the worker says so when it loads it
+        return None
+
+
 @router.post(
     "", status_code=status.HTTP_202_ACCEPTED, response_model=TaskInfo,
     responses={200: {"model": TaskInfo, "description": "the same task already exists"}, **ERRORS},
@@ -71,10 +81,10 @@ def create_task(body: TaskCreate, request: Request, response: Response, who: Ten
     steps = s.adapt_steps if a.steps is None else a.steps
     if steps > s.adapt_max_steps:
         raise invalid(("body", "adaptation", "steps"), f"steps is {steps}; the limit is {s.adapt_max_steps}", "too_many_steps")
-    lr = a.lr or (s.adapt_lr_full if mode == "full" else s.adapt_lr_lora)
     if mode == "none":
         steps = 0
     ckpt = resolve_checkpoint(s, store, body.checkpoint)
+    lr = a.lr or checkpoint_lr(s, ckpt, mode) or (s.adapt_lr_full if mode == "full" else s.adapt_lr_lora)
     spec = {"task": task.model_dump(exclude_none=True), "mode": mode, "steps": steps, "lr": lr, "seed": a.seed,
             "checkpoint": ckpt, "base_model": s.base_model, "prompt_format": s.prompt_format}
     digest = content_hash(who, spec)

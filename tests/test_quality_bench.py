@@ -1,0 +1,46 @@
+"""bench/quality.py end to end on the tiny budget: its JSON line, and resuming an interrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from model import checkpoints, weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quality(data_dir: Path, out: Path, *extra: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "bench/quality.py", "--budget", "tiny", "--data-dir", str(data_dir),
+                          "--out", str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    fresh = quality(tmp_path / "a", tmp_path / "a" / "out")
+    assert set(fresh["results"]) == {"maml", "fomaml", "metaicl", "base"}
+    assert {"maml/icl-metaicl/icl", "maml/adapted-metaicl/adapted (gold_prob)"} <= set(fresh["margins"])
+    for r in fresh["results"].values():
+        assert 0 <= r["icl"] <= 100 and 0 <= r["adapted_gold_prob"] <= 100
+
+    # "interrupted" after 3 of the 6 outer steps; the same command again picks every method up there
+    quality(tmp_path / "b", tmp_path / "b" / "out", "--steps", "3")
+    resumed = quality(tmp_path / "b", tmp_path / "b" / "out")
+    assert resumed["results"] == fresh["results"] and resumed["margins"] == fresh["margins"]
+    for method in ("maml", "fomaml", "metaicl"):
+        runs = [m for m in checkpoints.list_checkpoints(tmp_path / "b") if m["method"] == method]
+        assert [m["step"] for m in runs] == [3, 6] and runs[1]["parent"] == runs[0]["id"]
+        a = weights.load(checkpoints.folder(tmp_path / "a", [m for m in checkpoints.list_checkpoints(tmp_path / "a")
+                                                              if m["method"] == method][0]["id"]) / "params.safetensors")
+        b = weights.load(checkpoints.folder(tmp_path / "b", runs[1]["id"]) / "params.safetensors")
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # bit-exact
+
+    # a finished run, run again, trains and scores nothing more
+    again = quality(tmp_path / "b", tmp_path / "b" / "out")
+    assert again["results"] == fresh["results"]
+    assert len(checkpoints.list_checkpoints(tmp_path / "b")) == 6
