@@ -53,6 +53,12 @@ def adam_update(params: Params, grads: Mapping[str, Tensor], state: AdamState, l
     m, v, new = {}, {}, {}
     for k, p in params.items():
         g = grads[k]
+        if g.requires_grad:
+            # Second order: where g is exactly 0 (LoRA's A while B is still 0) the step's derivative
+            # is that of g/sqrt(g^2 + eps^2) at 0, i.e. 1/eps, a spike that swamped the first
+            # meta-gradient (norm 5e5 vs 0.6 first-order on the tiny model). The sign-like step
+            # has derivative 0 almost everywhere: take that one.
+            g = torch.where(g == 0, g.detach(), g)
         m[k] = b1 * state.m[k] + (1 - b1) * g if k in state.m else (1 - b1) * g
         v[k] = b2 * state.v[k] + (1 - b2) * g * g if k in state.v else (1 - b2) * g * g
         m_hat, v_hat = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
