@@ -92,10 +92,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(lm: LM, source: TaskSource, method: str, space: str, args) -> dict:
+def bench(lm: LM, source: TaskSource, method: str, space: str, args, batched: bool = False) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = MetaTrainConfig(method=method, space=space, setting="synthetic-long", tasks_per_step=args.tasks,
+                          batch_tasks=batched,
                           inner_steps=args.inner_steps, support_size=args.support_batch + 2,
                           support_batch=args.support_batch, query_size=args.query, context_demos=args.demos,
                           context_tokens=args.seq, grad_checkpointing=args.grad_checkpointing,
@@ -116,14 +117,14 @@ def bench(lm: LM, source: TaskSource, method: str, space: str, args) -> dict:
         times.append(time.perf_counter() - t0)
         tokens.append(m["tokens"])
     dt = statistics.median(times)
-    out = {"method": method, "space": space, "step_s": dt, "tokens_per_step": statistics.mean(tokens),
+    out = {"method": method, "space": space, "batched": batched, "step_s": dt, "tokens_per_step": statistics.mean(tokens),
            "tokens_per_s": statistics.mean(tokens) / dt}
     if dev.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         try:
             with FlopCounterMode(display=False) as fc:
                 m = tr.step()
-        except AssertionError as e:  # seen on an H100: "sdpa_flop_count: query/key/value shapes are incompatible" (GQA)
+        except Exception as e:  # seen on an H100: "sdpa_flop_count: query/key/value shapes are incompatible" (GQA)
             out["mfu_error"] = f"FlopCounterMode: {e}"
             return out
         flops = fc.get_total_flops() * statistics.mean(tokens) / m["tokens"]  # same step size as timed
@@ -150,6 +151,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--batch-tasks", choices=["off", "on", "both"], default="both",
+                    help="the step's tasks one by one, as one vmapped batch, or both side by side (with --tasks > 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--data-dir", type=Path, default=None)
     args = ap.parse_args()
@@ -167,17 +170,18 @@ def main() -> None:
         lm.model.float()  # fp32 parameters everywhere; CUDA runs under bf16 autocast
     source = long_source(args.words)
     results = {}
-    for space in args.spaces.split(","):
-        for method in args.methods.split(","):
-            try:
-                r = bench(lm, source, method, space, args)
-            except torch.OutOfMemoryError as e:  # report it and go on with the other configurations
-                r = {"method": method, "space": space, "error": f"out of memory: {str(e)[:200]}"}
-                torch.cuda.empty_cache()
-            results[f"{method}/{space}"] = r
-            print(json.dumps(r), flush=True)
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.batch_tasks]
+    configs = [(m, sp, b) for sp in args.spaces.split(",") for m in args.methods.split(",") for b in modes]
+    for method, space, batched in configs:
+        try:
+            r = bench(lm, source, method, space, args, batched)
+        except torch.OutOfMemoryError as e:  # report it and go on with the other configurations
+            r = {"method": method, "space": space, "batched": batched, "error": f"out of memory: {str(e)[:200]}"}
+            torch.cuda.empty_cache()
+        results[f"{method}/{space}" + ("+batched" if batched else "")] = r
+        print(json.dumps(r), flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     final = {
         "model": lm.name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "seq": args.seq, "tasks": args.tasks, "support_batch": args.support_batch, "query": args.query,
@@ -185,6 +189,10 @@ def main() -> None:
         "tokens_per_s": {k: round(v["tokens_per_s"], 1) for k, v in results.items() if "tokens_per_s" in v},
         "errors": {k: v["error"] for k, v in results.items() if "error" in v},
         "mfu": {k: round(v["mfu"], 4) for k, v in results.items() if "mfu" in v},
+        # tokens/s batched over task by task, measured in this run
+        "batched_speedup": {k: round(results[k + "+batched"]["tokens_per_s"] / v["tokens_per_s"], 3)
+                            for k, v in results.items()
+                            if "tokens_per_s" in v and "tokens_per_s" in results.get(k + "+batched", {})},
     }
     print(json.dumps(final))
 

@@ -52,13 +52,12 @@ def adam_update(params: Params, grads: Mapping[str, Tensor], state: AdamState, l
     t = state.t + 1
     m, v, new = {}, {}, {}
     for k, p in params.items():
-        g = grads[k]
-        if g.requires_grad:
-            # Second order: where g is exactly 0 (LoRA's A while B is still 0) the step's derivative
-            # is that of g/sqrt(g^2 + eps^2) at 0, i.e. 1/eps, a spike that swamped the first
-            # meta-gradient (norm 5e5 vs 0.6 first-order on the tiny model). The sign-like step
-            # has derivative 0 almost everywhere: take that one.
-            g = torch.where(g == 0, g.detach(), g)
+        # Second order: where g is exactly 0 (LoRA's A while B is still 0) the step's derivative
+        # is that of g/sqrt(g^2 + eps^2) at 0, i.e. 1/eps, a spike that swamped the first
+        # meta-gradient (norm 5e5 vs 0.6 first-order on the tiny model). The sign-like step has
+        # derivative 0 almost everywhere: take that one. (Same values; done always, because
+        # under torch.func transforms `requires_grad` does not tell whether g is tracked.)
+        g = torch.where(grads[k] == 0, grads[k].detach(), grads[k])
         m[k] = b1 * state.m[k] + (1 - b1) * g if k in state.m else (1 - b1) * g
         v[k] = b2 * state.v[k] + (1 - b2) * g * g if k in state.v else (1 - b2) * g * g
         m_hat, v_hat = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
@@ -79,15 +78,34 @@ def sequences(fmt: Formatter, instruction: str | None, episode: Episode) -> tupl
     return seqs, spans
 
 
-def icl_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, instruction: str | None, episode: Episode) -> Tensor:
-    """Mean cross-entropy over the target tokens of every query in the episode (MetaICL's loss)."""
+def episode_batch(lm: LM, fmt: Formatter, instruction: str | None, episode: Episode, rows: int = 0,
+                  length: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids, mask, labels) of an episode, right-padded to at least `rows` x `length` (extra rows are
+    all padding with no target: they add nothing to the loss). Labels are -100 off the targets."""
     seqs, spans = sequences(fmt, instruction, episode)
-    ids, mask = pad(seqs, lm.eos_id, lm.device)
+    seqs = seqs + [[]] * max(0, rows - len(seqs))
+    ids, mask = pad([s or [lm.eos_id] for s in seqs], lm.eos_id, lm.device)
+    if ids.shape[1] < length:
+        ids = F.pad(ids, (0, length - ids.shape[1]), value=lm.eos_id)
+        mask = F.pad(mask, (0, length - mask.shape[1]))
     labels = torch.full_like(ids, -100)
     for i, (a, b) in enumerate(spans):
         labels[i, a:b] = ids[i, a:b]
+    return ids, mask, labels
+
+
+def target_loss(lm: LM, params: Mapping[str, Tensor] | None, ids: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean cross-entropy over the labelled tokens. With right padding, mask None gives the same
+    loss (a causal model's real tokens never see the padding after them) and no data-dependent
+    mask code, which torch.func.vmap cannot run."""
     logits = lm(params, input_ids=ids, attention_mask=mask).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return F.cross_entropy(logits[..., :-1, :].flatten(0, -2).float(), labels[..., 1:].flatten(), ignore_index=-100)
+
+
+def icl_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, instruction: str | None, episode: Episode) -> Tensor:
+    """Mean cross-entropy over the target tokens of every query in the episode (MetaICL's loss)."""
+    ids, mask, labels = episode_batch(lm, fmt, instruction, episode)
+    return target_loss(lm, params, ids, labels, mask)
 
 
 def support_episodes(demos: Sequence[Example], steps: int, batch_size: int, context_demos: int, rng: random.Random) -> list[Episode]:

@@ -33,14 +33,20 @@ optimiser's alone. A checkpoint stores S either way; the evaluation hands it to 
 `adapt` only for checkpoints trained with shared moments.
 
 Why the switch matters for second order. From empty moments, Adam's first inner step is
-u = g/(sqrt(g²+ε²)+ε) ≈ sign(g): its Jacobian is ≈ ε/g², zero where |g| ≫ ε and 1/(2ε) = 5e7
-where g = 0 exactly (LoRA's A while B = 0, embedding rows of tokens absent from the batch). So
-with separate moments the second-order term is either negligible (LoRA, tiny model: maml and
-fomaml meta-gradients 0.9% apart) or dominated by those ε spikes (full space: 144% apart,
-and the first LoRA steps' |g| ~1e4 before clipping). With shared, populated moments the
-inner update is ≈ linear in g (v_S dominates), and the second-order term is a real
-curvature term (14% LoRA, 25% full). `max_grad_norm` clipping keeps the spikes from
-wrecking θ.
+u = g/(sqrt(g²+ε²)+ε) ≈ sign(g): its Jacobian is ≈ ε²/|g|³, negligible where |g| ≫ ε and 1/ε
+where g = 0 exactly (LoRA's A while B = 0, embedding rows of tokens absent from the batch).
+`adam_update` takes the almost-everywhere derivative (0) at exact zeros: before that, the very
+first maml step's meta-gradient had norm 5e5 against 0.6 first-order (tiny model; 3e4 on
+SmolLM2), and clipping turned it into a step in a direction set by ε. Near-zero gradients
+still spike from empty moments: with separate moments, tiny-model maml steps reach |g| 10-20
+where fomaml's stay below 1. With shared, populated moments the inner update is ≈ linear in g
+(v_S dominates) and the second-order term is a real curvature term. `max_grad_norm` clipping
+bounds what is left.
+
+Batching tasks (`batch_tasks`). The step's tasks can also run as one batch: `torch.func.vmap`
+over tasks of the same inner loop, with `torch.func.grad` for the inner and the meta-gradient
+(`MetaTrainer.batched_step`); the same draws and meta-gradient as the task-by-task loop. A
+135M model's step is launch-bound on a GPU, and this makes its kernels T times larger.
 
 Practicalities. Second order needs attention with a double backward: the step runs under
 `sdpa_kernel(SDPBackend.MATH)` (CPU SDPA's fused kernel has none). Gradient checkpointing
@@ -70,13 +76,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from model import checkpoints
 from model.bank.sampling import sample_episode as bank_sample_episode
-from model.adapt import AdamState, Episode, adam_update, icl_loss, inner_loop, sequences, support_episodes
+from model.adapt import (
+    AdamState, Episode, adam_update, episode_batch, icl_loss, inner_loop, sequences, support_episodes, target_loss,
+)
 from model.lm import LM, LoraSpec, Params
 from model.prompts import Formatter
 from model.settings import get_settings
@@ -113,6 +122,7 @@ class MetaTrainConfig(BaseModel):
     prompt_format: str | None = None
     context_tokens: int = Field(256, ge=32, description="prompt budget of every training sequence")
     grad_checkpointing: bool = False
+    batch_tasks: bool = Field(False, description="run a step's tasks as one vmapped batch (not with grad_checkpointing)")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (params stay fp32); ignored on CPU")
     seed: int = 0
     log_every: int = Field(10, ge=1)
@@ -124,6 +134,13 @@ class MetaTrainConfig(BaseModel):
     lora_alpha: int | None = None
     lora_targets: list[str] | None = None
     tag: str | None = Field(None, description="free text stored in meta.json")
+
+    @model_validator(mode="after")
+    def _batching(self) -> MetaTrainConfig:
+        if self.batch_tasks and self.grad_checkpointing:
+            raise ValueError("batch_tasks and grad_checkpointing cannot be combined (the checkpointing wrapper "
+                             "re-installs parameters per layer, which torch.func.vmap does not see)")
+        return self
 
     # --- resolved values (defaults that depend on the method, space or settings)
     @property
@@ -304,13 +321,15 @@ def grad_checkpointing(lm: LM, enabled: bool = True) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def training_mode(lm: LM, order: int | None, bf16: bool) -> Iterator[None]:
-    """No KV cache, MATH attention for second order, bf16 autocast on CUDA."""
+def training_mode(lm: LM, order: int | None, bf16: bool, batched: bool = False) -> Iterator[None]:
+    """No KV cache, MATH attention for second order (the fused kernels have no double backward)
+    and for vmapped tasks (they have no batching rule: vmap would loop over tasks), bf16
+    autocast on CUDA."""
     cfg = lm.model.config
     old_cache = getattr(cfg, "use_cache", None)
     cfg.use_cache = False  # training forwards never reuse keys/values; don't build a cache
     with contextlib.ExitStack() as stack:
-        if order == 2:
+        if order == 2 or batched:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         if bf16 and lm.device.type == "cuda":
             stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
@@ -369,20 +388,30 @@ class MetaTrainer:
     def rng(self, step: int) -> random.Random:
         return random.Random(f"meta:{self.cfg.seed}:{step}")  # a str seed is hashed with sha512: stable across runs
 
+    def draw(self, task: Any, rng: random.Random) -> tuple[Episode, list[Episode], int]:
+        """A task's query episode, its support episodes (one per inner step; none for MetaICL) and
+        their token count."""
+        cfg, fmt = self.cfg, self.fmt
+        support, queries = sample_episode(task, rng, cfg.support_size, cfg.query_size, fmt, self.max_row)
+        q_ep = query_episode(support, queries, cfg.context_demos, rng)
+        episodes = [] if cfg.order is None else support_episodes(support, cfg.inner_steps, cfg.support_batch,
+                                                                 cfg.context_demos, rng)
+        tokens = sum(episode_tokens(fmt, task.instruction, ep) for ep in [q_ep, *episodes])
+        return q_ep, episodes, tokens
+
+    def inner_state(self) -> AdamState:
+        return self.state.detached() if self.cfg.shared else AdamState(betas=self.state.betas, eps=self.state.eps)
+
     def task_step(self, task: Any, theta: Params, rng: random.Random, track_before: bool) -> TaskResult:
         """One task's contribution to the meta-gradient (its graph is freed on return)."""
         cfg, lm, fmt = self.cfg, self.lm, self.fmt
-        support, queries = sample_episode(task, rng, cfg.support_size, cfg.query_size, fmt, self.max_row)
-        q_ep = query_episode(support, queries, cfg.context_demos, rng)
+        q_ep, episodes, tokens = self.draw(task, rng)
         instr = task.instruction
-        tokens = episode_tokens(fmt, instr, q_ep)
         before = support_loss = None
         if cfg.order is None:  # MetaICL: in-context loss at θ itself
             loss = icl_loss(lm, theta, fmt, instr, q_ep)
         else:
-            episodes = support_episodes(support, cfg.inner_steps, cfg.support_batch, cfg.context_demos, rng)
-            tokens += sum(episode_tokens(fmt, instr, ep) for ep in episodes)
-            inner_state = self.state.detached() if cfg.shared else AdamState(betas=self.state.betas, eps=self.state.eps)
+            inner_state = self.inner_state()
             if track_before:
                 with torch.no_grad():
                     before = icl_loss(lm, theta, fmt, instr, q_ep).item()
@@ -400,18 +429,20 @@ class MetaTrainer:
         t0 = time.perf_counter()
         rng = self.rng(self.step_no)
         tasks = [self.tasks[rng.randrange(len(self.tasks))] for _ in range(cfg.tasks_per_step)]
-        theta = {k: p.detach().requires_grad_() for k, p in self.params.items()}
-        total: Params = {k: torch.zeros_like(p) for k, p in theta.items()}
-        results = []
-        with training_mode(self.lm, cfg.order, cfg.bf16), grad_checkpointing(self.lm, cfg.grad_checkpointing):
-            for task in tasks:
-                r = self.task_step(task, theta, rng, track_before)
-                for k, g in r.grads.items():
-                    total[k] += g.float()
-                r.grads = {}
-                results.append(r)
-        n = len(tasks)
-        meta_grad = {k: g / n for k, g in total.items()}
+        with training_mode(self.lm, cfg.order, cfg.bf16, cfg.batch_tasks), grad_checkpointing(self.lm, cfg.grad_checkpointing):
+            if cfg.batch_tasks:
+                meta_grad, results = self.batched_step(tasks, rng, track_before)
+            else:
+                theta = {k: p.detach().requires_grad_() for k, p in self.params.items()}
+                total: Params = {k: torch.zeros_like(p) for k, p in theta.items()}
+                results = []
+                for task in tasks:
+                    r = self.task_step(task, theta, rng, track_before)
+                    for k, g in r.grads.items():
+                        total[k] += g.float()
+                    r.grads = {}
+                    results.append(r)
+                meta_grad = {k: g / len(tasks) for k, g in total.items()}
         gnorm = float(torch.stack([g.pow(2).sum() for g in meta_grad.values()]).sum().sqrt())  # one device sync
         if cfg.max_grad_norm and gnorm > cfg.max_grad_norm:
             meta_grad = {k: g * (cfg.max_grad_norm / gnorm) for k, g in meta_grad.items()}
@@ -433,6 +464,56 @@ class MetaTrainer:
             "tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt if dt > 0 else None,
             "tasks": [getattr(t, "name", "?") for t in tasks],
         }
+
+    def batched_step(self, tasks: list, rng: random.Random, track_before: bool) -> tuple[Params, list[TaskResult]]:
+        """The step's tasks as one batch: `torch.func.vmap` over tasks of the same inner loop
+        (functional Adam, inner gradients by `torch.func.grad`), and `torch.func.grad` of the mean
+        query loss for the meta-gradient. Same draws and the same meta-gradient as the task-by-task
+        loop (to float rounding), in T-times larger kernels: what a latency-bound GPU step needs.
+        Episodes are right-padded to one shape and run without an attention mask (`target_loss`)."""
+        from torch.func import grad, grad_and_value, vmap
+
+        cfg, lm, fmt = self.cfg, self.lm, self.fmt
+        drawn = [self.draw(t, rng) for t in tasks]
+
+        def stacked(eps: list[Episode]) -> tuple[Tensor, Tensor]:
+            rows = max(len(e) for e in eps)
+            length = max(len(x) for t, e in zip(tasks, eps) for x in sequences(fmt, t.instruction, e)[0])
+            batches = [episode_batch(lm, fmt, t.instruction, e, rows, length) for t, e in zip(tasks, eps)]
+            return torch.stack([b[0] for b in batches]), torch.stack([b[2] for b in batches])
+
+        q_ids, q_labels = stacked([d[0] for d in drawn])
+        sup = [stacked([d[1][i] for d in drawn]) for i in range(len(drawn[0][1]))]
+        state = self.inner_state() if cfg.order is not None else None
+
+        def loss(p: Params, ids: Tensor, labels: Tensor) -> Tensor:
+            return target_loss(lm, p, ids, labels)
+
+        def one(theta: Params, sup_batches: list[tuple[Tensor, Tensor]], ids: Tensor, labels: Tensor):
+            p, st, first = theta, state, torch.zeros(())
+            for i, (s_ids, s_labels) in enumerate(sup_batches):
+                g, value = grad_and_value(loss)(p, s_ids, s_labels)
+                if cfg.order == 1:
+                    g = {k: x.detach() for k, x in g.items()}
+                p, st = adam_update(p, g, st, cfg.lr_inner)
+                first = value.detach() if i == 0 else first
+            return loss(p, ids, labels), first
+
+        def mean_query_loss(theta: Params):
+            q, first = vmap(one, in_dims=(None, 0, 0, 0))(theta, sup, q_ids, q_labels)
+            return q.mean(), (q.detach(), first)
+
+        theta = {k: p.detach() for k, p in self.params.items()}
+        with torch.no_grad():  # grad() still differentiates; the module's own parameters build no graph
+            meta_grad, (after, first) = grad(mean_query_loss, has_aux=True)(theta)
+        before = [None] * len(tasks)
+        if track_before and cfg.order is not None:
+            with torch.no_grad():
+                before = vmap(loss, in_dims=(None, 0, 0))(theta, q_ids, q_labels).tolist()
+        after, first = after.tolist(), first.tolist()
+        results = [TaskResult({}, a, a if cfg.order is None else b, None if cfg.order is None else f, d[2])
+                   for a, b, f, d in zip(after, before, first, drawn)]
+        return {k: g.float() for k, g in meta_grad.items()}, results
 
     # --- a fixed, held-out measure of what meta-training is for
     def held_out_loss(self, n_tasks: int = 4, adapt_steps: int | None = None, seed: int = 12345) -> dict[str, float]:
@@ -596,6 +677,7 @@ def main(
     shared_moments: bool | None = None,
     context_tokens: int = 256,
     grad_checkpointing: bool = False,
+    batch_tasks: bool = False,
     seed: int = 0,
     log_every: int = 10,
     save_every: int = 0,
@@ -610,7 +692,7 @@ def main(
         inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, support_size=support_size,
         support_batch=support_batch, query_size=query_size, context_demos=context_demos,
         shared_moments=shared_moments, context_tokens=context_tokens, grad_checkpointing=grad_checkpointing,
-        seed=seed, log_every=log_every, save_every=save_every, resume=resume, device=device, data_dir=data_dir,
+        batch_tasks=batch_tasks, seed=seed, log_every=log_every, save_every=save_every, resume=resume, device=device, data_dir=data_dir,
     )
     print(meta_train(cfg))
 

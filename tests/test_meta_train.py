@@ -111,6 +111,35 @@ def test_second_order_steps_are_not_swamped_by_zero_gradients(lm, source, tmp_pa
     assert all(n < 10 * max(norms["fomaml"]) for n in norms["maml"]), norms
 
 
+@pytest.mark.parametrize("method,space", [("maml", "lora"), ("maml", "full"), ("fomaml", "lora"), ("metaicl", "lora")])
+def test_batched_tasks_give_the_task_by_task_meta_gradient(lm, source, tmp_path, method, space):
+    """vmap over the step's tasks: the same draws, losses and meta-gradient as the loop."""
+    c = cfg(tmp_path, method=method, space=space, tasks_per_step=3, inner_steps=2, inner_lr=1e-2)
+    tr = MetaTrainer(c, lm, source)
+    g = torch.Generator().manual_seed(3)
+    tr.params = {k: (p + 0.05 * torch.randn(p.shape, generator=g) if ".lora_B." in k else p) for k, p in tr.params.items()}
+    tasks = source.meta_train[:3]
+    with training_mode(lm, c.order, False, batched=True):
+        batched, res_b = tr.batched_step(tasks, random.Random(5), track_before=True)
+        theta = {k: p.detach().requires_grad_() for k, p in tr.params.items()}
+        rng = random.Random(5)
+        res_l = [tr.task_step(t, theta, rng, track_before=True) for t in tasks]
+    loop = {k: sum(r.grads[k] for r in res_l) / len(tasks) for k in theta}
+    for a, b in zip(res_b, res_l):
+        assert a.tokens == b.tokens
+        for x, y in [(a.query_after, b.query_after), (a.query_before, b.query_before), (a.support_loss, b.support_loss)]:
+            assert (x is None) == (y is None) and (x is None or abs(x - y) < 1e-4)
+    flat = lambda d: torch.cat([d[k].flatten() for k in theta])  # noqa: E731
+    assert flat(loop).norm() > 0
+    # float rounding only (second order through Adam amplifies it elementwise: compare as vectors)
+    assert ((flat(batched) - flat(loop)).norm() / flat(loop).norm()).item() < 1e-4
+
+
+def test_batched_tasks_refuse_gradient_checkpointing(tmp_path):
+    with pytest.raises(ValueError, match="batch_tasks and grad_checkpointing"):
+        cfg(tmp_path, batch_tasks=True, grad_checkpointing=True)
+
+
 def test_gradient_checkpointing_gives_the_same_second_order_gradient(lm, source, tmp_path):
     plain = _meta_grad(lm, source, tmp_path, "maml", "lora")
     ckpt = _meta_grad(lm, source, tmp_path, "maml", "lora", ckpt=True)
