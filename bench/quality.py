@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the budget's outer steps")
     ap.add_argument("--max-tasks", type=int, default=None, help="override the budget's held-out task count")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--batch-tasks", action="store_true", help="meta-train with a step's tasks vmapped (for GPUs)")
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None,
                     help="report folder; run again with the same --out to resume an interrupted run")
@@ -132,7 +133,7 @@ def main() -> None:
     lm = load_for_eval(budget["model"], data_dir, args.device)  # fp32 (+ bf16 autocast on CUDA)
     source = task_source(setting, data_dir, args.settings_dir)
     source.held_out = shortest_tasks(lm, source.held_out, ev["max_tasks"])  # the budget's sequences are short
-    train_cfg = {k: v for k, v in budget.items() if k != "model"}
+    train_cfg = {k: v for k, v in budget.items() if k != "model"} | {"batch_tasks": args.batch_tasks}
     ids, train_s = {}, {}
     for method in METHODS:
         prev = latest(data_dir, tag, method)
