@@ -190,6 +190,7 @@ def evaluate(
         log.info("%s: %s", task.name, ", ".join(f"{r} {sum(x[task.name]) / len(x[task.name]):.1f}" for r, x in raw.items()))
     return {
         "setting": source.setting, "k": k, "seeds": list(seeds), "n_test": n_test, "adapt_steps": steps,
+        "adapt_lrs": protocol["lrs"],
         "tasks": [t.name for t in tasks], "model": {"name": lm.name, "sha256": lm.sha256},
         "seconds": time.perf_counter() - t0,
         "results": {r: summarise(x) | {"gold_prob": summarise(raw_prob[r])} for r, x in raw.items()},
@@ -328,6 +329,7 @@ def record(report: dict[str, Any], data_dir: Path, ckpt_ids: Sequence[str]) -> N
         summary = {m: report["results"][f"{c}/{m}"]["mean"] for m in ("icl", "adapted") if f"{c}/{m}" in report["results"]}
         summary |= {f"{m}_worst": report["results"][f"{c}/{m}"]["worst"] for m in ("icl", "adapted") if f"{c}/{m}" in report["results"]}
         summary |= {"k": report["k"], "seeds": report["seeds"], "tasks": len(report["tasks"]),
+                    "adapt_steps": report["adapt_steps"], "adapt_lr": report.get("adapt_lrs", {}).get(c),
                     "base_icl": report["results"]["base/icl"]["mean"]}
         checkpoints.update_meta(data_dir, c, evaluation={report["setting"]: summary})
 
