@@ -19,7 +19,7 @@ from model.bank import Setting, kshot, kshot_runs, load_bank, sample_episode
 from model.bank import sources as S
 from model.bank.build import BuildConfig, bounded_counter, build
 from model.bank.splits import RULES, check_disjoint, make_setting, task_inputs
-from model.bank.store import SETTINGS_DIR, Bank, read_setting, setting_names
+from model.bank.store import SETTINGS_DIR, Bank, export, read_setting, setting_names
 from model.task import Example, Task
 
 FIX = Path(__file__).parent / "fixtures" / "bank"
@@ -340,3 +340,28 @@ def test_write_settings_and_stats(fixture_bank, tmp_path, monkeypatch):
     bank = load_bank(fixture_bank.root.parent, settings_dir=tmp_path)
     text = stats_text(bank, ["non_nli_to_nli"])
     assert "== non_nli_to_nli" in text and "evals.corr2cause" in text and " NLI " in text
+
+
+def test_export_copies_a_settings_tasks_and_nothing_else(fixture_bank, tmp_path):
+    from model.bank.__main__ import main as bank_cli
+
+    names = fixture_bank.names
+    settings = tmp_path / "settings"
+    settings.mkdir()
+    (settings / "pair.json").write_text(json.dumps({"name": "pair", "meta_train": names[:2], "held_out": names[2:3]}))
+    bank = load_bank(fixture_bank.root.parent, settings_dir=settings)
+    out = tmp_path / "small"
+    assert export(bank, ["pair"], out) == sorted(names[:3])
+    small = load_bank(out, settings_dir=settings)
+    assert small.names == sorted(names[:3]) and len(names) > 3
+    for n in names[:3]:  # a round trip: the same examples, split by split
+        for split in ("train", "dev", "test"):
+            assert small.task(n).split(split) == bank.task(n).split(split)
+    settings_task = small.setting("pair")
+    assert settings_task.held_out == names[2:3]
+    (settings / "bad.json").write_text(json.dumps({"name": "bad", "meta_train": ["no.such.task"], "held_out": []}))
+    with pytest.raises(KeyError, match="no.such.task"):
+        export(bank, ["bad"], tmp_path / "other")
+    # the CLI (default settings folder: a committed setting's tasks are not in the fixture bank)
+    with pytest.raises(KeyError):
+        bank_cli(["export", "--data-dir", str(fixture_bank.root.parent), "--setting", "class_to_class", "--out", str(tmp_path / "x")])

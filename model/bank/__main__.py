@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from model.bank.build import BuildConfig, build
-from model.bank.store import SETTINGS_DIR, load_bank
+from model.bank.store import SETTINGS_DIR, export, load_bank
 
 
 def _data_dir(arg: str | None) -> Path:
@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--data-dir")
     s.add_argument("--setting", action="append", help="only these settings (repeatable)")
     s.add_argument("--summary", action="store_true", help="meta-train side as counts by source and kind")
+    e = sub.add_parser("export", help="copy the tasks of some settings into another data dir (to carry a small bank)")
+    e.add_argument("--data-dir")
+    e.add_argument("--setting", action="append", required=True, help="repeatable")
+    e.add_argument("--out", required=True, help="the data dir to write (its bank/ folder)")
     g = sub.add_parser("settings", help="(maintainers) regenerate model/bank/settings/*.json from a built bank")
     g.add_argument("--data-dir")
     g.add_argument("--out", default=str(SETTINGS_DIR))
@@ -67,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done in {time.time() - t0:.1f} s")
     elif a.cmd == "stats":
         print(stats_text(load_bank(data_dir), a.setting, a.summary))
+    elif a.cmd == "export":
+        names = export(load_bank(data_dir), a.setting, Path(a.out))
+        print(f"exported {len(names)} tasks to {Path(a.out) / 'bank'}")
     else:
         from model.bank.splits import write_settings
 

@@ -147,6 +147,24 @@ class Bank:
         return read_setting(path)
 
 
+def export(bank: Bank, settings: list[str], data_dir: Path) -> list[str]:
+    """Copy the tasks that settings use (meta-train and held-out) into data_dir/bank, with a
+    manifest of those tasks alone: a bank small enough to carry to a machine that cannot build
+    one (an offline GPU box, an image). Returns the task names."""
+    import shutil
+
+    names = sorted({n for name in settings for st in [bank.setting(name)] for n in st.meta_train + st.held_out})
+    root = Path(data_dir) / "bank"
+    root.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        bank.task(n)  # KeyError naming the task when the bank lacks it
+        shutil.copytree(bank.root / n, root / n, dirs_exist_ok=True)
+    manifest = {**bank.manifest, "tasks": {n: bank.manifest["tasks"][n] for n in names}, "n_tasks": len(names),
+                "excluded": [], "exported_for": settings}
+    write_atomic(root / "manifest.json", json.dumps(manifest, indent=1))
+    return names
+
+
 def load_bank(data_dir: Path | None = None, settings_dir: Path = SETTINGS_DIR) -> Bank:
     """The bank under data_dir/bank (data_dir defaults to the settings' data_dir)."""
     if data_dir is None:
