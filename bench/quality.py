@@ -154,7 +154,8 @@ def main() -> None:
     fmt = Formatter(lm.encode, get_settings().prompt_format, budget["context_tokens"])
     report = evaluate(lm, source, variants, ev["k"], ev["seeds"], ev["n_test"], ev["adapt_steps"],
                       base_space=budget["space"], base_lr=budget["inner_lr"], fmt=fmt, max_tasks=ev["max_tasks"],
-                      adapt_batch=ev["adapt_batch"], context_demos=ev["context_demos"], journal=out / f"journal-{'-'.join(ids[m].split('-')[0] for m in METHODS)}.jsonl")
+                      adapt_batch=ev["adapt_batch"], context_demos=ev["context_demos"],
+                      journal=out / f"journal-{'-'.join(ids[m].split('-')[0] for m in METHODS)}.jsonl")
     report["budget"] = {"name": args.budget, **budget, "eval": ev}
     report["checkpoints"] = ids
     report["comparisons"] = comparisons(report, ids)

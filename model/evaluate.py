@@ -297,8 +297,10 @@ def chart(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(keys) + 2), 4.5))
     colors = {"zero_shot": "#999999", "icl": "#4C72B0", "adapted": "#DD8452"}
     xs = range(len(keys))
-    ax.bar(xs, [res[k]["mean"] for k in keys], color=[colors.get(k.split("/")[-1], "#55A868") for k in keys])
-    ax.scatter(xs, [res[k]["worst"] for k in keys], color="black", marker="_", s=300, zorder=3, label="worst seed")
+    nan = float("nan")  # a row with no scored task (every task skipped) draws nothing
+    ax.bar(xs, [nan if res[k]["mean"] is None else res[k]["mean"] for k in keys],
+           color=[colors.get(k.split("/")[-1], "#55A868") for k in keys])
+    ax.scatter(xs, [nan if res[k]["worst"] is None else res[k]["worst"] for k in keys], color="black", marker="_", s=300, zorder=3, label="worst seed")
     ax.set_xticks(list(xs), [_short(k) for k in keys], fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("macro-F1 / accuracy (0-100)")
     ax.set_title(f"held-out tasks of {report['setting']} (k={report['k']}, {len(report['seeds'])} seeds)")
