@@ -62,10 +62,10 @@ class Formatter:
         """
         head = self.instruction(instruction)
         room = self.budget - longest_row
-        if room < 0 or (room < len(head) and not demos):
+        if room < 0:
             raise PromptTooLong(f"the query needs {longest_row} tokens; the context budget is {self.budget}")
         if len(head) > room:
-            head = []  # the instruction goes before the query does
+            head = []  # the instruction goes before the query does (with demonstrations or without)
         ids, used = list(head), 0
         for ex in demos:
             d = self.demo(ex)

@@ -79,6 +79,17 @@ def test_prefix_drops_demonstrations_to_fit_and_never_cuts_the_query(lm):
         Formatter(lm.encode, budget=5).prefix(None, task.demonstrations, longest_row=20)
 
 
+def test_an_instruction_that_does_not_fit_is_dropped_not_fatal():
+    """With or without demonstrations (a zero-shot prompt): the query fits, so it is answered."""
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    f = Formatter(enc, budget=30)
+    long_instruction = "x" * 40
+    assert f.prefix(long_instruction, [], longest_row=20) == ([], 0)
+    assert f.prefix("short", [], longest_row=20) == (f.instruction("short"), 0)
+    with pytest.raises(PromptTooLong):
+        f.prefix(None, [], longest_row=31)
+
+
 def test_channel_puts_the_option_first():
     enc = lambda s: [ord(c) for c in s]  # noqa: E731 - a character tokenizer keeps the test readable
     d = Formatter(enc, "direct").row("in", "out")
