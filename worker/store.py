@@ -105,14 +105,21 @@ class Store:
             args=[created, task_id, *_flat({"id": task_id, "tenant": tenant, "created_at": created, **fields})],
         ))
 
+    # one record (task or job hash): read it; update fields only while it exists
     @retrying
-    def task(self, task_id: str) -> dict[str, Any] | None:
-        raw = self.r.hgetall(TASK + task_id)
+    def _get(self, key: str) -> dict[str, Any] | None:
+        raw = self.r.hgetall(key)
         return _decode(raw) if raw else None
 
     @retrying
+    def _set(self, key: str, fields: dict[str, Any]) -> bool:
+        return bool(self._update(keys=[key], args=_flat(fields)))
+
+    def task(self, task_id: str) -> dict[str, Any] | None:
+        return self._get(TASK + task_id)
+
     def update_task(self, task_id: str, **fields: Any) -> bool:
-        return bool(self._update(keys=[TASK + task_id], args=_flat(fields)))
+        return self._set(TASK + task_id, fields)
 
     @retrying
     def finish_task(self, task_id: str, **fields: Any) -> bool:
@@ -145,14 +152,11 @@ class Store:
         mapping = _strs({"id": job_id, "created_at": created, **fields})
         self.r.pipeline().hset(JOB + job_id, mapping=mapping).zadd(JOBS, {job_id: created}).execute()
 
-    @retrying
     def job(self, job_id: str) -> dict[str, Any] | None:
-        raw = self.r.hgetall(JOB + job_id)
-        return _decode(raw) if raw else None
+        return self._get(JOB + job_id)
 
-    @retrying
     def update_job(self, job_id: str, **fields: Any) -> bool:
-        return bool(self._update(keys=[JOB + job_id], args=_flat(fields)))
+        return self._set(JOB + job_id, fields)
 
     # --- the active checkpoint
     @retrying
