@@ -17,15 +17,18 @@ class Error(BaseModel):
 
 
 class Adaptation(BaseModel):
-    """How to adapt: defaults come from the settings (MAMLSERVE_ADAPT_*), except the lr from a
-    meta-trained checkpoint in its own space (LoRA or full), which is its meta-training inner lr."""
+    """How to adapt. Nothing needs to be given: the recipe (`model.recipe.DEFAULT`, with the
+    operator's MAMLSERVE_ADAPT_RECIPE overrides) sets the loss, the epochs, the lr and the
+    calibration, and its steps follow from the number of demonstrations. A field given here
+    overrides the recipe's."""
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["lora", "full", "none"] | None = Field(None, description="lora | full | none (in context only)")
-    steps: int | None = Field(None, ge=0, description="inner steps; at most the setting adapt_max_steps")
+    mode: Literal["lora", "full", "none"] | None = Field(None, description="lora | full | none (in context only); default lora")
+    epochs: float | None = Field(None, ge=0, le=1000, description="passes over the demonstrations; default: the recipe's")
+    steps: int | None = Field(None, ge=0, description="exact number of Adam steps (overrides epochs); at most the setting adapt_max_steps")
     lr: float | None = Field(None, gt=0, le=1, description="learning rate; default: the checkpoint's meta-training inner lr "
-                              "when adapting in the space it was meta-trained in, else MAMLSERVE_ADAPT_LR_LORA / _FULL")
+                              "when adapting in the space it was meta-trained in, else the recipe's lr for the mode")
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
@@ -40,7 +43,7 @@ class TaskCreate(Task):
             {"input": "I want my money back", "output": "negative"},
         ],
         "options": ["positive", "negative"],
-        "adaptation": {"mode": "lora", "steps": 5},
+        "adaptation": {"mode": "lora"},
     }]})
 
     adaptation: Adaptation = Field(default_factory=Adaptation)
@@ -50,6 +53,8 @@ class TaskCreate(Task):
 class Progress(BaseModel):
     step: int = 0
     steps: int = 0
+    epoch: float = 0.0
+    epochs: float = 0.0
     loss: float | None = None
     loss_before: float | None = None
     loss_after: float | None = None
@@ -62,7 +67,9 @@ class TaskInfo(BaseModel):
     error: str | None = None
     mode: str
     steps: int
+    epochs: float
     lr: float
+    recipe: dict[str, Any] = Field(default_factory=dict, description="every choice the adaptation made (model.recipe.Recipe)")
     checkpoint: str
     progress: Progress
     attempts: int = 0
@@ -98,7 +105,8 @@ class PredictRequest(BaseModel):
 
 class OptionScore(BaseModel):
     option: str
-    score: float = Field(description="mean log-likelihood per token; the highest wins")
+    score: float = Field(description="the option's log-likelihood (mean per token, or the sum, as the task's recipe "
+                                     "says) minus its calibrated prior when the recipe calibrates; the highest wins")
 
 
 class PredictionOut(BaseModel):

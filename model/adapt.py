@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.lm import LM, Params
-from model.prompts import Formatter, Row
-from model.scoring import pad
+from model.prompts import Formatter, Row, longest
+from model.recipe import DEFAULT, Recipe
+from model.scoring import Prefix, option_prior, pad, row_logprobs
 from model.task import Example, Task
 
 Episode = list[tuple[list[Example], Example]]  # (context demonstrations, query) pairs: one batch
@@ -108,6 +109,37 @@ def icl_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, instru
     return target_loss(lm, params, ids, labels, mask)
 
 
+def option_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, instruction: str | None,
+                episode: Episode, options: Sequence[str] | None, length_norm: bool = True, lm_weight: float = 0.0) -> Tensor:
+    """Cross-entropy over each query's option scores (the scores prediction ranks by), plus
+    `lm_weight` times the LM loss on the gold option's tokens. Queries without options (generation)
+    contribute the LM loss alone."""
+    rows: list[Row] = []
+    spans: list[tuple[int, int, int]] = []  # per query: its rows [a, b) and the gold row
+    for ctx_demos, q in episode:
+        opts = list(q.options or options or [q.output])
+        cands = fmt.candidates(q.input, opts)
+        head, _ = fmt.prefix(instruction, ctx_demos, longest(cands))
+        spans.append((len(rows), len(rows) + len(cands), len(rows) + opts.index(q.output)))
+        rows += [Row(head + r.ctx, r.target) for r in cands]
+    sums, lengths = row_logprobs(lm, Prefix([]), rows, params)
+    scores = sums / lengths if length_norm else sums
+    gold = torch.tensor([g for _, _, g in spans], device=sums.device)
+    ce = [-(scores[g] - torch.logsumexp(scores[a:b], 0)) for a, b, g in spans if b - a > 1]
+    lm_term = -sums[gold].sum() / lengths[gold].sum()
+    if not ce:
+        return lm_term
+    return torch.stack(ce).mean() + lm_weight * lm_term
+
+
+def episode_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, instruction: str | None,
+                 episode: Episode, options: Sequence[str] | None = None, loss: str = "lm", length_norm: bool = True) -> Tensor:
+    """The recipe's training loss on one episode: "lm" (`icl_loss`), "options" or "mix" (`option_loss`)."""
+    if loss == "lm":
+        return icl_loss(lm, params, fmt, instruction, episode)
+    return option_loss(lm, params, fmt, instruction, episode, options, length_norm, 1.0 if loss == "mix" else 0.0)
+
+
 def support_episodes(demos: Sequence[Example], steps: int, batch_size: int, context_demos: int, rng: random.Random) -> list[Episode]:
     """Per step, `batch_size` demonstrations as queries (cycling so each is used), each with up to
     `context_demos` of the others, drawn at random, as its context."""
@@ -136,8 +168,12 @@ def inner_loop(
     state: AdamState | None = None,
     order: int = 0,
     on_step: Callable[[int, int, float], None] | None = None,
+    options: Sequence[str] | None = None,
+    loss: str = "lm",
+    length_norm: bool = True,
 ) -> tuple[Params, AdamState, list[float]]:
-    """Adapt `trainable` (on top of `fixed` overrides) with one Adam step per episode.
+    """Adapt `trainable` (on top of `fixed` overrides) with one Adam step per episode of `loss`
+    (`episode_loss`).
 
     order 0: test time (each step starts from detached leaves); 1: first-order; 2: second-order.
     """
@@ -146,13 +182,13 @@ def inner_loop(
     for i, ep in enumerate(episodes):
         if order == 0:
             trainable = {k: p.detach().requires_grad_() for k, p in trainable.items()}
-        loss = icl_loss(lm, {**fixed, **trainable}, fmt, instruction, ep)
-        grads = torch.autograd.grad(loss, list(trainable.values()), create_graph=order == 2, allow_unused=True)
+        value = episode_loss(lm, {**fixed, **trainable}, fmt, instruction, ep, options, loss, length_norm)
+        grads = torch.autograd.grad(value, list(trainable.values()), create_graph=order == 2, allow_unused=True)
         grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(trainable.items(), grads)}
         if order < 2:
             grads = {k: g.detach() for k, g in grads.items()}
         trainable, state = adam_update(trainable, grads, state, lr)
-        losses.append(loss.item())
+        losses.append(value.item())
         if on_step:
             on_step(i + 1, len(episodes), losses[-1])
     if order == 0:
@@ -169,6 +205,8 @@ class Adapted:
     loss_after: float
     losses: list[float]
     state: AdamState
+    prior: dict[str, float] | None = None  # option -> log prior to subtract when predicting (Recipe.calibrate)
+    epochs: float = 0.0
 
     def delta(self, start: Mapping[str, Tensor]) -> Params:
         """Full mode: adapted minus starting weights (what is stored)."""
@@ -195,36 +233,41 @@ def start_params(lm: LM, mode: str, start: Mapping[str, Tensor] | None = None, s
 
 
 @torch.no_grad()
-def support_loss(lm: LM, params: Mapping[str, Tensor], fmt: Formatter, task: Task, context_demos: int, seed: int, n: int = 8) -> float:
-    """The in-context loss on a fixed set of up to n leave-one-out queries (for before/after reports)."""
+def support_loss(lm: LM, params: Mapping[str, Tensor], fmt: Formatter, task: Task, recipe: Recipe, seed: int, n: int = 8) -> float:
+    """The recipe's loss on a fixed set of up to n leave-one-out queries (for before/after reports)."""
     rng = random.Random(seed + 1)
-    (episode,) = support_episodes(task.demonstrations, 1, n, context_demos, rng)
-    return icl_loss(lm, params, fmt, task.instruction, episode).item()
+    (episode,) = support_episodes(task.demonstrations, 1, n, recipe.context_demos, rng)
+    return episode_loss(lm, params, fmt, task.instruction, episode, task.options, recipe.loss, recipe.length_norm).item()
 
 
 def adapt(
     lm: LM,
     task: Task,
+    recipe: Recipe = DEFAULT,
     mode: str = "lora",
-    steps: int = 5,
-    lr: float = 1e-3,
     start: Mapping[str, Tensor] | None = None,
     state: AdamState | None = None,
     seed: int = 0,
-    batch_size: int = 4,
-    context_demos: int = 4,
     fmt: Formatter | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> Adapted:
-    """Adapt to a task's demonstrations with `steps` inner steps in `mode` ("lora" or "full").
+    """Adapt to a task's demonstrations in `mode` ("lora" or "full") as the recipe says: its
+    loss, `recipe.steps_for(n)` Adam steps at `recipe.lr_for(mode)`, then (when it calibrates)
+    the options' prior under the adapted weights.
 
     `start` holds parameter overrides to begin from (a meta-trained checkpoint's LoRA init or
     full weights); `state` its Adam moments, when it shares them.
     """
     fmt = fmt or Formatter(lm.encode)
     fixed, trainable = start_params(lm, mode, start, seed)
-    before = support_loss(lm, {**fixed, **trainable}, fmt, task, context_demos, seed)
-    episodes = support_episodes(task.demonstrations, steps, batch_size, context_demos, random.Random(seed))
-    trainable, state, losses = inner_loop(lm, fixed, trainable, fmt, task.instruction, episodes, lr, state, 0, on_step)
-    after = support_loss(lm, {**fixed, **trainable}, fmt, task, context_demos, seed)
-    return Adapted(mode, trainable, before, after, losses, state)
+    demos = task.demonstrations
+    steps = recipe.steps_for(len(demos))
+    before = support_loss(lm, {**fixed, **trainable}, fmt, task, recipe, seed)
+    episodes = support_episodes(demos, steps, recipe.batch_size, recipe.context_demos, random.Random(seed))
+    trainable, state, losses = inner_loop(lm, fixed, trainable, fmt, task.instruction, episodes, recipe.lr_for(mode),
+                                          state, 0, on_step, task.options, recipe.loss, recipe.length_norm)
+    params = {**fixed, **trainable}
+    after = support_loss(lm, params, fmt, task, recipe, seed) if steps else before
+    prior = option_prior(lm, task, params, recipe, fmt) if recipe.calibrate else None
+    epochs = steps * min(recipe.batch_size, len(demos)) / len(demos)
+    return Adapted(mode, trainable, before, after, losses, state, prior, epochs)

@@ -37,6 +37,7 @@ from model.bank.sampling import SEEDS, kshot
 from model.lm import LM, Params
 from model.meta_train import TaskSource, is_classification, task_source
 from model.prompts import Formatter, longest
+from model.recipe import LR, Recipe
 from model.scoring import Prefix, accuracy, encode_prefix, macro_f1, predict
 from model.settings import get_settings
 from model.task import Example, Task
@@ -110,8 +111,7 @@ def checkpoint_variant(lm: LM, data_dir: Path, ckpt_id: str, adapt_lr: float | N
 
 
 def _default_lr(space: str) -> float:
-    s = get_settings()
-    return s.adapt_lr_lora if space == "lora" else s.adapt_lr_full
+    return LR[space]
 
 
 def evaluate(
@@ -138,8 +138,9 @@ def evaluate(
     long evaluation can run as a series of time-limited commands."""
     s = get_settings()
     fmt = fmt or Formatter(lm.encode, s.prompt_format, s.context_tokens)
-    steps = adapt_steps if adapt_steps is not None else s.adapt_steps
-    batch, ctx = adapt_batch or s.adapt_batch_size, context_demos if context_demos is not None else s.adapt_context_demos
+    # this protocol (MetaICL-style, meta-training's yardstick) counts adaptation steps of the LM loss
+    steps = adapt_steps if adapt_steps is not None else 5
+    batch, ctx = adapt_batch or 4, context_demos if context_demos is not None else 4
     tasks = source.held_out[:max_tasks] if max_tasks else source.held_out
     rows = [("base", "zero_shot"), ("base", "icl")] + ([("base", "adapted")] if steps else [])
     for v in variants:
@@ -172,10 +173,12 @@ def evaluate(
                 elif mode == "icl":
                     val, prob = score(lm, ktask, queries, v.params, fmt, cls)
                 else:
+                    # this protocol counts steps, not epochs: pin them
+                    recipe = Recipe(loss="lm", epochs=1, batch_size=batch, lr=v.lr, context_demos=ctx, predict_demos=None,
+                                    calibrate=False, min_steps=steps, max_steps=steps)
                     with _autocast(lm):
-                        a = adapt(lm, ktask, mode=v.space, steps=steps, lr=v.lr, start=v.params,
-                                  state=v.state.detached() if v.state else None, seed=seed,
-                                  batch_size=batch, context_demos=ctx, fmt=fmt)
+                        a = adapt(lm, ktask, recipe, v.space, start=v.params,
+                                  state=v.state.detached() if v.state else None, seed=seed, fmt=fmt)
                     adapted = {**(v.params or {}), **a.params}
                     val, prob = score(lm, ktask, queries, adapted, fmt, cls)
                 if journal and key not in known:

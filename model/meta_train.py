@@ -88,6 +88,7 @@ from model.adapt import (
 )
 from model.lm import LM, LoraSpec, Params
 from model.prompts import Formatter
+from model.recipe import LR
 from model.settings import get_settings
 from model.task import Example
 
@@ -110,7 +111,7 @@ class MetaTrainConfig(BaseModel):
     steps: int = Field(100, ge=0, description="outer steps in total (a resumed run counts the parent's)")
     tasks_per_step: int = Field(4, ge=1)
     inner_steps: int = Field(1, ge=1, description="inner Adam steps per task (maml, fomaml)")
-    inner_lr: float | None = Field(None, gt=0, description="None: the settings' test-time adapt lr for the space")
+    inner_lr: float | None = Field(None, gt=0, description="None: the recipe's default lr for the space (model.recipe.LR)")
     outer_lr: float | None = Field(None, gt=0, description="None: 3e-4 (lora) / 1e-5 (full)")
     support_size: int = Field(8, ge=2, description="support examples drawn per task")
     support_batch: int = Field(4, ge=1, description="support queries per inner step")
@@ -155,10 +156,7 @@ class MetaTrainConfig(BaseModel):
 
     @property
     def lr_inner(self) -> float:
-        if self.inner_lr is not None:
-            return self.inner_lr
-        s = get_settings()
-        return s.adapt_lr_lora if self.space == "lora" else s.adapt_lr_full
+        return self.inner_lr if self.inner_lr is not None else LR[self.space]
 
     @property
     def lr_outer(self) -> float:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,6 +19,7 @@ from transformers import DynamicCache
 
 from model.lm import LM
 from model.prompts import Formatter, Row, longest
+from model.recipe import ICL, Recipe
 from model.task import Example, Query, Task
 
 
@@ -61,37 +64,92 @@ def encode_prefix(lm: LM, ids: list[int], params: Mapping[str, Tensor] | None = 
     return Prefix(ids, kv, n_demos)
 
 
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """Left-pad to a batch, so that every row's last real token is the last column."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, n - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _select(cache: DynamicCache, index: Tensor) -> DynamicCache:
+    return DynamicCache([(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers])
+
+
+def row_logprobs(
+    lm: LM, prefix: Prefix, rows: Sequence[Row], params: Mapping[str, Tensor] | None = None, chunk: int = 32,
+    hide: Sequence[tuple[int, int] | None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(sum of target log-probs, target length) per row, as tensors; differentiable when grad is on.
+
+    Rows that share their ctx (a query and its options, in the direct format) share one pass
+    over it: stage 1 runs each distinct ctx once on top of the prefix's KV cache (left-padded,
+    with explicit positions, so padding changes nothing) and gives every row's first target
+    token from the ctx's last position; stage 2 runs only the targets longer than one token,
+    on top of their ctx's KV. A single-token option set (letters, yes/no, most one-word
+    labels) costs one pass per query and nothing per option. Without a cached prefix, the
+    prefix ids lead each ctx. `hide[i]`, a [start, end) span of prefix positions, is masked
+    from row i's attention (a demonstration scored without seeing its own copy in context).
+    """
+    dev = lm.device
+    hide = hide or [None] * len(rows)
+    ctx_of: dict[tuple, int] = {}
+    which = [ctx_of.setdefault((tuple(r.ctx), h), len(ctx_of)) for r, h in zip(rows, hide)]
+    ctxs = [list(c) for c, _ in ctx_of]
+    hidden = [h for _, h in ctx_of]
+    lead = [] if prefix.kv is not None else list(prefix.ids)
+    past = len(prefix.ids) if prefix.kv is not None else 0
+    sums: list[Tensor] = [torch.zeros((), device=dev)] * len(rows)
+    for c0 in range(0, len(ctxs), chunk):
+        part = ctxs[c0: c0 + chunk]
+        ids, mask = _left_pad([lead + c for c in part], lm.eos_id, dev)
+        pos = past + (mask.cumsum(1) - 1).clamp(min=0)
+        if past:
+            mask = torch.cat([mask.new_ones((len(part), past)), mask], dim=1)
+        for j, h in enumerate(hidden[c0: c0 + chunk]):
+            if h is not None:
+                mask[j, h[0]: h[1]] = 0
+        out = lm(params, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=prefix.cache(len(part)),
+                 use_cache=True, logits_to_keep=1)
+        first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # the next-token distribution after each ctx
+        mine = [i for i, w in enumerate(which) if c0 <= w < c0 + len(part)]
+        for i in mine:
+            sums[i] = first[which[i] - c0, rows[i].target[0]]
+        longer = [i for i in mine if len(rows[i].target) > 1]
+        for r0 in range(0, len(longer), chunk):
+            sel = longer[r0: r0 + chunk]
+            index = torch.tensor([which[i] - c0 for i in sel], device=dev)
+            tids, tmask = pad([rows[i].target[:-1] for i in sel], lm.eos_id, dev)  # the last token predicts nothing
+            tpos = pos[index, -1:] + 1 + torch.arange(tids.shape[1], device=dev)
+            full_mask = torch.cat([mask.index_select(0, index), tmask], dim=1)
+            logits = lm(params, input_ids=tids, attention_mask=full_mask, position_ids=tpos,
+                        past_key_values=_select(out.past_key_values, index), use_cache=True).logits
+            logp = F.log_softmax(logits.float(), dim=-1)
+            for j, i in enumerate(sel):
+                tgt = torch.tensor(rows[i].target[1:], device=dev)
+                sums[i] = sums[i] + logp[j, : len(tgt)].gather(1, tgt[:, None]).sum()
+    lengths = torch.tensor([len(r.target) for r in rows], device=dev, dtype=torch.float32)
+    return torch.stack(sums) if rows else torch.zeros(0, device=dev), lengths
+
+
 @torch.no_grad()
 def score_rows(
-    lm: LM, prefix: Prefix, rows: Sequence[Row], params: Mapping[str, Tensor] | None = None, chunk: int = 16
+    lm: LM, prefix: Prefix, rows: Sequence[Row], params: Mapping[str, Tensor] | None = None, chunk: int = 32
 ) -> list[tuple[float, int]]:
-    """(sum of target log-probs, target length) per row; uses the prefix's KV cache when it has one.
+    """(sum of target log-probs, target length) per row (no gradient): `row_logprobs` as numbers."""
+    sums, lengths = row_logprobs(lm, prefix, rows, params, chunk)
+    return [(s, int(n)) for s, n in zip(sums.tolist(), lengths.tolist())]
 
-    (Encoding a query once for all its options does not pay on CPU: a forward pass streams
-    every weight, ~115 ms for SmolLM2 even for one token, so one pass over all rows is cheaper
-    than two.)
-    """
-    out: list[tuple[float, int]] = []
-    for i in range(0, len(rows), chunk):
-        part = rows[i : i + chunk]
-        cached = prefix.kv is not None
-        lead = [] if cached else prefix.ids
-        ids, mask = pad([lead + r.ctx + r.target for r in part], lm.eos_id, lm.device)
-        if cached:
-            mask = torch.cat([mask.new_ones((len(part), len(prefix.ids))), mask], dim=1)
-        # the vocabulary projection is a large share of a small model's compute: only the
-        # positions from the earliest target on get logits
-        first = len(lead) + min(len(r.ctx) for r in part) - 1
-        keep = ids.shape[1] - first
-        logits = lm(params, input_ids=ids, attention_mask=mask, past_key_values=prefix.cache(len(part)),
-                    use_cache=cached, logits_to_keep=keep).logits
-        logp = F.log_softmax(logits.float(), dim=-1)
-        for j, r in enumerate(part):
-            start = len(lead) + len(r.ctx) - 1 - first  # logit row predicting this row's first target token
-            tgt = torch.tensor(r.target, device=lm.device)
-            lp = logp[j, start : start + len(r.target)].gather(1, tgt[:, None]).sum()
-            out.append((lp.item(), len(r.target)))
-    return out
+
+def in_context(task: Task, recipe: Recipe) -> Task:
+    """The task as predictions see it: the recipe's number of demonstrations in context."""
+    if recipe.predict_demos is None or recipe.predict_demos >= len(task.demonstrations):
+        return task
+    return task.model_copy(update={"demonstrations": task.demonstrations[: recipe.predict_demos]})
 
 
 def build_prefix(
@@ -106,25 +164,31 @@ def predict(
     task: Task,
     queries: Sequence[Query | Example],
     params: Mapping[str, Tensor] | None = None,
+    recipe: Recipe = ICL,
+    prior: Mapping[str, float] | None = None,
     fmt: Formatter | None = None,
     prefix: Prefix | None = None,
     cache: bool = True,
-    length_norm: bool = True,
     max_new_tokens: int = 32,
 ) -> list[Prediction]:
-    """Answer each query in context: the best option by score, or greedy text for generation tasks.
+    """Answer each query: the best option by score, or greedy text for generation tasks.
 
-    `prefix` lets a caller (the worker) reuse a task's encoded prefix across requests; it must
-    have been encoded with the same params and must leave room for these queries' rows.
+    Context: the task's instruction and `recipe.predict_demos` of its demonstrations (all that
+    fit when None). Score: the option's mean log-likelihood per token (`recipe.length_norm`) or
+    the sum, minus `prior[option]` where a prior is given (see `option_prior`) and the query
+    uses the task's own options. `prefix` lets a caller (the worker) reuse a task's encoded
+    prefix across requests; it must have been encoded with the same params and context, and
+    leave room for these queries' rows.
     """
     fmt = fmt or Formatter(lm.encode)
+    shown = in_context(task, recipe)
     per_query = [
         fmt.candidates(q.input, opts) if (opts := task.options_for(q)) else None for q in queries
     ]
     rows = [r for rs in per_query if rs for r in rs]
     gen_rows = [fmt.row(q.input, "") for q, rs in zip(queries, per_query) if rs is None]
     if prefix is None:
-        prefix = build_prefix(lm, fmt, task, rows + [Row(r.ctx, [0] * max_new_tokens) for r in gen_rows], params, cache)
+        prefix = build_prefix(lm, fmt, shown, rows + [Row(r.ctx, [0] * max_new_tokens) for r in gen_rows], params, cache)
     scored = iter(score_rows(lm, prefix, rows, params))
     preds: list[Prediction] = []
     for q, rs in zip(queries, per_query):
@@ -133,12 +197,55 @@ def predict(
             preds.append(Prediction(text))
             continue
         opts = task.options_for(q)
+        shift = prior if prior is not None and q.options is None else {}
         scores = {}
         for o in opts:
             lp, n = next(scored)
-            scores[o] = lp / n if length_norm else lp
+            scores[o] = (lp / n if recipe.length_norm else lp) - shift.get(o, 0.0)
         preds.append(Prediction(max(opts, key=scores.__getitem__), scores))
     return preds
+
+
+def prior_of(scores: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Batch calibration (Zhou et al. 2023): each option's log of its mean probability over a
+    batch of inputs, the probabilities being each input's softmax over its option scores.
+    Subtracting it from the scores divides out the label prior the model holds whatever the
+    input, which is what makes predictions collapse onto one or two labels."""
+    if not scores:
+        return {}
+    opts = list(scores[0])
+    table = torch.tensor([[s[o] for o in opts] for s in scores], dtype=torch.float64)
+    mean = table.log_softmax(1).exp().mean(0)
+    return {o: math.log(max(p, 1e-12)) for o, p in zip(opts, mean.tolist())}
+
+
+def option_prior(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe: Recipe,
+                 fmt: Formatter | None = None) -> dict[str, float] | None:
+    """The options' prior for `predict`, estimated once from the task's own demonstrations
+    scored as predictions would score them (None for tasks without one label set).
+
+    Stored with the task, it gives every input the same answer whatever else is in its call.
+    With demonstrations in the prediction context, each one is scored with its own copy masked
+    from attention (leave-one-out at the cost of one prefix: it would otherwise copy its label,
+    and the prior would measure the copying)."""
+    if not task.options:
+        return None
+    fmt = fmt or Formatter(lm.encode)
+    shown = in_context(task, recipe)
+    demos = [d for d in task.demonstrations if d.options is None]
+    rows = [r for d in demos for r in fmt.candidates(d.input, task.options)]
+    ids, used = fmt.prefix(shown.instruction, shown.demonstrations, longest(rows))
+    # where each demonstration in context sits in the prefix: the same one, scored, must not see it
+    spans: dict[int, tuple[int, int]] = {}
+    end = len(ids)
+    for i in reversed(range(used)):
+        n = len(fmt.demo(shown.demonstrations[i]))
+        spans[id(shown.demonstrations[i])] = (end - n, end)
+        end -= n
+    hide = [spans.get(id(d)) for d in demos for _ in task.options]
+    sums, lengths = row_logprobs(lm, encode_prefix(lm, ids, params, used), rows, params, hide=hide)
+    scores = (sums / lengths if recipe.length_norm else sums).view(len(demos), len(task.options))
+    return prior_of([dict(zip(task.options, row)) for row in scores.tolist()])
 
 
 @torch.no_grad()

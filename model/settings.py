@@ -6,7 +6,7 @@ as JSON in the environment (MAMLSERVE_LORA_TARGETS='["q_proj","v_proj"]').
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,14 +43,11 @@ class Settings(BaseSettings):
     lora_alpha: int = 16
     lora_targets: list[str] = ["q_proj", "v_proj"]
 
-    # --- test-time adaptation defaults (the same inner loop as meta-training)
-    adapt_mode: str = "lora"  # lora | full | none
-    adapt_steps: int = 5
-    adapt_lr_lora: float = 1e-3
-    adapt_lr_full: float = 1e-5
-    adapt_batch_size: int = 4  # queries per inner step
-    adapt_context_demos: int = 4  # other demonstrations placed in context of each query
-    adapt_max_steps: int = 50
+    # --- test-time adaptation: the recipe is model.recipe.DEFAULT; operators may override its
+    # fields here, as JSON (MAMLSERVE_ADAPT_RECIPE='{"epochs": 4}'); requests override both
+    adapt_mode: Literal["lora", "full", "none"] = "lora"
+    adapt_recipe: dict[str, Any] = {}
+    adapt_max_steps: int = 400  # a request or recipe asking for more steps is refused (422)
 
     # --- service (app/ and worker/)
     env: str = "development"  # development | production
@@ -65,7 +62,6 @@ class Settings(BaseSettings):
     predict_wait_max_s: float = 60.0
     adapt_time_limit_s: int = 1800
     meta_train_time_limit_s: int = 6 * 3600
-    # appended for the service (issue 4)
     visibility_timeout_s: int = 0  # broker redelivery of unacked tasks; 0: the longest hard time limit + 10 min
     predict_timeout_s: float = 300.0  # how long /predict waits for the worker (a re-adaptation included)
     predict_linger_ms: float = 10.0  # an idle task's first /predict waits this long for concurrent calls to batch with

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as st_save
@@ -32,6 +33,14 @@ def from_bytes(data: bytes, device: torch.device | str = "cpu", dtype: torch.dty
     return {k: v.to(device, dtype) if dtype else v.to(device) for k, v in st_load(data).items()}
 
 
+def from_bytes_meta(data: bytes, device: torch.device | str = "cpu") -> tuple[Params, dict[str, str]]:
+    """The tensors and the string metadata stored beside them."""
+    # safe_open reads only files; the format is an 8-byte little-endian header length, then the
+    # JSON header whose "__metadata__" holds the strings
+    n = int.from_bytes(data[:8], "little")
+    return from_bytes(data, device), json.loads(data[8: 8 + n]).get("__metadata__") or {}
+
+
 def save(params: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -41,6 +50,13 @@ def save(params: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | No
 
 def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Params:
     return {k: v.to(device, dtype) if dtype else v.to(device) for k, v in load_file(path).items()}
+
+
+def load_meta(path: Path, device: torch.device | str = "cpu") -> tuple[Params, dict[str, str]]:
+    """The tensors of a safetensors file and its string metadata."""
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    return load(path, device), meta
 
 
 def _peft_key(name: str) -> str:

@@ -3,8 +3,9 @@ import random
 import pytest
 import torch
 
-from model.adapt import AdamState, adam_update, adapt, icl_loss, inner_loop, start_params, support_episodes
+from model.adapt import AdamState, adam_update, adapt, icl_loss, inner_loop, option_loss, start_params, support_episodes
 from model.prompts import Formatter
+from model.recipe import Recipe
 from model.scoring import predict
 
 from helpers import sentiment_task, tiny_lm
@@ -19,7 +20,7 @@ def lm():
 def test_adaptation_lowers_support_loss(lm, mode, lr):
     task = sentiment_task()
     before = {k: v.clone() for k, v in lm.params("full").items()}
-    a = adapt(lm, task, mode, steps=8, lr=lr, seed=1)
+    a = adapt(lm, task, Recipe(loss="lm", epochs=8, batch_size=10, lr=lr, context_demos=4, calibrate=False), mode, seed=1)
     assert a.loss_after < a.loss_before - 0.1, (a.loss_before, a.loss_after)
     assert len(a.losses) == 8 and set(a.params) == set(lm.lora_names if mode == "lora" else lm.full_names)
     # the loaded module is never mutated: every task's weights are overrides
@@ -31,10 +32,42 @@ def test_full_adaptation_learns_the_labels(lm):
     task = sentiment_task()
     queries = task.demonstrations
     shown = task.model_copy(update={"demonstrations": queries[:2]})  # the context it was trained with
-    a = adapt(lm, task, "full", steps=40, lr=1e-2, batch_size=8, context_demos=2)
+    a = adapt(lm, task, Recipe(loss="lm", epochs=32, batch_size=8, lr=1e-2, context_demos=2, calibrate=False), "full")
     right = lambda preds: sum(p.output == q.output for p, q in zip(preds, queries))  # noqa: E731
     assert right(predict(lm, shown, queries)) <= 6  # the random model is at chance
     assert right(predict(lm, shown, queries, params=a.params)) >= 9
+
+
+def test_option_loss_is_cross_entropy_over_the_option_scores(lm):
+    """The loss is exactly what prediction ranks by: -log softmax of the gold option's score."""
+    task = sentiment_task()
+    fmt = Formatter(lm.encode)
+    q = task.demonstrations[0]
+    episode = [(task.demonstrations[1:3], q)]
+    shown = task.model_copy(update={"demonstrations": task.demonstrations[1:3]})
+    (pred,) = predict(lm, shown, [q], fmt=fmt)
+    scores = torch.tensor([pred.scores[o] for o in task.options])
+    expected = -(scores[task.options.index(q.output)] - scores.logsumexp(0))
+    got = option_loss(lm, None, fmt, None, episode, task.options)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_option_loss_makes_the_gold_option_win(lm):
+    """A few epochs of the option loss on a task the random model is at chance on: every
+    demonstration's gold option wins afterwards, with no demonstration in context."""
+    task = sentiment_task()
+    recipe = Recipe(loss="options", epochs=30, batch_size=10, lr=3e-2, context_demos=0, predict_demos=0, calibrate=False)
+    a = adapt(lm, task, recipe, "lora", seed=0)
+    assert a.loss_after < a.loss_before / 2, (a.loss_before, a.loss_after)
+    right = lambda preds: sum(p.output == d.output for p, d in zip(preds, task.demonstrations))  # noqa: E731
+    assert right(predict(lm, task, task.demonstrations, recipe=recipe)) <= 7
+    assert right(predict(lm, task, task.demonstrations, params=a.params, recipe=recipe)) == 10
+
+
+def test_a_task_with_one_demonstration_per_label_adapts(lm):
+    task = sentiment_task().model_copy(update={"demonstrations": [sentiment_task().demonstrations[i] for i in (0, 5)]})
+    a = adapt(lm, task, Recipe(epochs=4, lr=3e-2), "lora")
+    assert a.losses and a.loss_after < a.loss_before and set(a.prior) == set(task.options)
 
 
 def test_support_episodes_cover_every_demonstration_and_never_leak_the_query():

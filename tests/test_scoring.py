@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from model.prompts import Formatter, PromptTooLong, Row
+from model.recipe import ICL
 from model.scoring import Prefix, accuracy, build_prefix, encode_prefix, macro_f1, predict, score_rows
 from model.task import Example, Query, Task
 
@@ -54,7 +55,7 @@ def test_right_option_wins(lm):
     worst = words[min(words, key=lambda i: logits[i])]
     t = Task(demonstrations=task.demonstrations)
     for norm in (True, False):
-        pred = predict(lm, t, [Query(input=q, options=[worst, best])], length_norm=norm)[0]
+        pred = predict(lm, t, [Query(input=q, options=[worst, best])], recipe=ICL.but(length_norm=norm))[0]
         assert pred.output == best
         expected = torch.log_softmax(logits, -1)
         assert pred.scores[best] == pytest.approx(expected[lm.encode(best)[0]].item(), abs=1e-4)
@@ -105,3 +106,26 @@ def test_metrics():
     # class a: p=1 r=.5 f1=2/3; class b: p=2/3 r=1 f1=.8
     assert macro_f1(["a", "b", "b", "b"], golds) == pytest.approx((2 / 3 + 0.8) / 2)
     assert macro_f1(["a", "a", "a", "a"], golds) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_hidden_prefix_span_matches_a_full_forward_with_that_span_masked(lm):
+    """A demonstration scored without seeing its own copy: its span of the cached prefix is masked,
+    exactly as a plain forward over the whole sequence with those positions masked (the span is
+    the prefix's last demonstration, so in both only the query is kept from seeing it)."""
+    from model.scoring import row_logprobs
+
+    first, last = lm.encode("the movie was great\npositive\n\n"), lm.encode("i hated it\nnegative\n\n")
+    prefix_ids = first + last
+    row = Row(lm.encode("i hated it\n"), lm.encode("negative"))
+    span = (len(first), len(prefix_ids))
+    (hidden,), _ = row_logprobs(lm, encode_prefix(lm, prefix_ids), [row], hide=[span])
+    (seen,), _ = row_logprobs(lm, encode_prefix(lm, prefix_ids), [row])
+    ids = torch.tensor([prefix_ids + row.ctx + row.target])
+    mask = torch.ones_like(ids)
+    mask[0, span[0]: span[1]] = 0
+    with torch.no_grad():
+        logp = torch.log_softmax(lm(None, input_ids=ids, attention_mask=mask).logits[0, :-1], -1)
+    start = len(prefix_ids) + len(row.ctx) - 1
+    expected = logp[start: start + len(row.target)].gather(1, torch.tensor(row.target)[:, None]).sum()
+    assert hidden.item() == pytest.approx(expected.item(), abs=1e-4)
+    assert abs(hidden.item() - seen.item()) > 1e-3

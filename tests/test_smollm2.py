@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from model.adapt import adapt
+from model.recipe import Recipe
 from model.loading import load_lm
 from model.scoring import predict
 from model.settings import get_settings
@@ -50,5 +51,5 @@ def test_in_context_topic_classification(lm, topics):
 def test_lora_adaptation_lowers_support_loss(lm, topics):
     data, demos, _ = topics
     task = Task(demonstrations=demos * 2, instruction=data["instruction"], options=data["options"])
-    a = adapt(lm, task, "lora", steps=3, lr=1e-3, batch_size=2, context_demos=2)
+    a = adapt(lm, task, Recipe(loss="lm", batch_size=2, context_demos=2, lr=1e-3, min_steps=3, max_steps=3, calibrate=False))
     assert a.loss_after < a.loss_before

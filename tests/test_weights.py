@@ -7,6 +7,7 @@ import torch
 from peft import PeftModel
 
 from model.adapt import adapt
+from model.recipe import Recipe
 from model.tiny import tiny_model
 from model.weights import export_peft, from_bytes, import_peft, load, peft_zip, save, to_bytes
 
@@ -20,7 +21,7 @@ def lm():
 
 @pytest.fixture(scope="module")
 def lora(lm):
-    return adapt(lm, sentiment_task(), "lora", steps=4, lr=2e-2).params
+    return adapt(lm, sentiment_task(), Recipe(epochs=2, lr=2e-2, calibrate=False), "lora").params
 
 
 def test_peft_export_import_round_trip_reproduces_logits_exactly(lm, lora, tmp_path):
@@ -47,7 +48,7 @@ def test_safetensors_bytes_and_file_round_trip_exactly(lm, lora, tmp_path):
 
 def test_full_mode_delta_restores_the_adapted_weights(lm):
     start = lm.params("full")
-    a = adapt(lm, sentiment_task(), "full", steps=2, lr=1e-3)
+    a = adapt(lm, sentiment_task(), Recipe(epochs=1, lr=1e-3, calibrate=False), "full")
     delta = from_bytes(to_bytes(a.delta(start)))
     assert set(delta) == set(lm.full_names)
     restored = {k: start[k] + delta[k] for k in delta}

@@ -8,6 +8,7 @@ record's demonstrations, so an evicted task answers as if nothing happened.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -25,7 +26,8 @@ from model.adapt import AdamState, Adapted, adapt, start_params
 from model.lm import LM, LoraSpec, Params
 from model.loading import file_sha256, load_lm, load_tokenizer, model_folder
 from model.prompts import Formatter, Row, longest
-from model.scoring import Prediction, Prefix, encode_prefix, predict
+from model.recipe import Recipe
+from model.scoring import Prediction, Prefix, encode_prefix, in_context, option_prior, predict
 from model.settings import Settings
 from model.task import Query, Task
 from worker import checkpoints
@@ -67,7 +69,25 @@ def lora_spec(s: Settings) -> LoraSpec:
 class Entry:
     params: Params  # every override to predict with: checkpoint params + the adapted ones
     adapted: Params  # the adapted part alone (LoRA weights, or the full-mode weights)
+    prior: dict[str, float] | None = None  # option -> calibrated log prior (Recipe.calibrate)
     prefixes: dict[int, Prefix] = field(default_factory=dict)  # demonstrations used -> encoded prefix
+
+
+def recipe_of(rec: dict[str, Any]) -> Recipe:
+    """The record's recipe; records written before recipes existed adapted with fixed steps of the LM loss."""
+    if rec.get("recipe"):
+        return Recipe(**rec["recipe"])
+    steps = rec.get("steps", 0)
+    return Recipe(loss="lm", epochs=1.0 if steps else 0.0, batch_size=4, context_demos=4, lr=rec.get("lr"),
+                  predict_demos=None, calibrate=False, min_steps=steps, max_steps=steps)
+
+
+def _meta(prior: dict[str, float] | None) -> dict[str, str]:
+    return {"prior": json.dumps(prior)}
+
+
+def _prior(meta: dict[str, str] | None) -> dict[str, float] | None:
+    return json.loads((meta or {}).get("prior", "null"))
 
 
 class Runtime:
@@ -119,27 +139,30 @@ class Runtime:
         task = Task.model_validate(rec["task"])
         ck, state = self.checkpoint_state(rec["checkpoint"])
         return adapt(
-            self.lm, task, mode=rec["mode"], steps=rec["steps"], lr=rec["lr"], start=ck or None, seed=rec.get("seed", 0),
+            self.lm, task, recipe_of(rec), mode=rec["mode"], start=ck or None, seed=rec.get("seed", 0),
             state=state if state is not None and rec["mode"] != "none" and set(state.m) <= set(self._names(rec["mode"])) else None,
-            batch_size=self.s.adapt_batch_size, context_demos=self.s.adapt_context_demos, fmt=self.fmt, on_step=on_step,
+            fmt=self.fmt, on_step=on_step,
         )
 
     def store_weights(self, rec: dict[str, Any], result: Adapted) -> dict[str, Any]:
-        """Persist adapted weights; returns the record fields that point at them."""
+        """Persist adapted weights (and the options' prior, in the same safetensors' metadata);
+        returns the record fields that point at them."""
         digest, ckpt = rec["hash"], rec["checkpoint"]
         ck = self.checkpoint(ckpt)
         if result.mode == "lora":
-            self.cache.set(weights_key(ckpt, digest), weights.to_bytes(result.params), ex=self.s.weights_ttl_s)
-            self._remember(digest, Entry({**ck, **result.params}, result.params))
+            data = weights.to_bytes(result.params, _meta(result.prior))
+            self.cache.set(weights_key(ckpt, digest), data, ex=self.s.weights_ttl_s)
+            self._remember(digest, Entry({**ck, **result.params}, result.params, result.prior))
             return {}
         fixed, start = self._full_start(ck)
         path = Path(self.s.data_dir) / "weights" / ckpt / f"{digest}.safetensors"
-        weights.save(result.delta(start), path)
-        self._remember(digest, Entry({**fixed, **result.params}, result.params))
+        weights.save(result.delta(start), path, _meta(result.prior))
+        self._remember(digest, Entry({**fixed, **result.params}, result.params, result.prior))
         return {"weights_path": str(path), "weights_sha256": file_sha256(path)}
 
     def load_weights(self, rec: dict[str, Any]) -> Entry | None:
-        """The task's weights from the LRU, the cache Redis or the disk; None when they are gone."""
+        """The task's weights from the LRU, the cache Redis or the disk; None when they are gone.
+        An in-context task has no weights: its prior (when its recipe calibrates) is computed here."""
         digest, ckpt = rec["hash"], rec["checkpoint"]
         if digest in self.lru:
             self.lru.move_to_end(digest)
@@ -147,24 +170,27 @@ class Runtime:
             return self.lru[digest]
         ck = self.checkpoint(ckpt)
         if rec["mode"] == "none":
-            return self._remember(digest, Entry(dict(ck), {}))
+            recipe = recipe_of(rec)
+            task = Task.model_validate(rec["task"])
+            prior = option_prior(self.lm, task, ck or None, recipe, self.fmt) if recipe.calibrate else None
+            return self._remember(digest, Entry(dict(ck), {}, prior))
         if rec["mode"] == "lora":
             data = self.cache.get(weights_key(ckpt, digest))
             if data is None:
                 self.store.count("weights_miss")
                 return None
-            lora = weights.from_bytes(data, self.lm.device)
+            lora, meta = weights.from_bytes_meta(data, self.lm.device)
             self.store.count("weights_hit_cache")
-            return self._remember(digest, Entry({**ck, **lora}, lora))
+            return self._remember(digest, Entry({**ck, **lora}, lora, _prior(meta)))
         path = Path(rec.get("weights_path") or "")
         if not path.is_file() or file_sha256(path) != rec.get("weights_sha256"):
             self.store.count("weights_miss")
             return None
         fixed, start = self._full_start(ck)
-        delta = weights.load(path, self.lm.device)
+        delta, meta = weights.load_meta(path, self.lm.device)
         full = {k: start[k] + d.to(start[k].dtype) for k, d in delta.items()}
         self.store.count("weights_hit_disk")
-        return self._remember(digest, Entry({**fixed, **full}, full))
+        return self._remember(digest, Entry({**fixed, **full}, full, _prior(meta)))
 
     def ensure_weights(self, rec: dict[str, Any]) -> Entry:
         """The task's weights, adapted again from its demonstrations when they were evicted."""
@@ -190,6 +216,7 @@ class Runtime:
     # --- prediction
     def predict(self, rec: dict[str, Any], queries: list[Query]) -> list[Prediction]:
         task = Task.model_validate(rec["task"])
+        recipe = recipe_of(rec)
         entry = self.ensure_weights(rec)
         n_new = self.s.max_new_tokens
         rows: list[Row] = []
@@ -199,13 +226,14 @@ class Runtime:
                 rows += self.fmt.candidates(q.input, opts)
             else:
                 rows.append(Row(self.fmt.row(q.input, "").ctx, [0] * n_new))
-        # The prefix (instruction + demonstrations that fit) is encoded once per task and count.
-        ids, used = self.fmt.prefix(task.instruction, task.demonstrations, longest(rows))
+        # The prefix (instruction + the recipe's demonstrations that fit) is encoded once per task and count.
+        shown = in_context(task, recipe)
+        ids, used = self.fmt.prefix(shown.instruction, shown.demonstrations, longest(rows))
         prefix = entry.prefixes.get(used)
         if prefix is None:
             prefix = entry.prefixes[used] = encode_prefix(self.lm, ids, entry.params or None, used)
-        return predict(self.lm, task, queries, params=entry.params or None, fmt=self.fmt, prefix=prefix,
-                       max_new_tokens=n_new)
+        return predict(self.lm, task, queries, params=entry.params or None, recipe=recipe, prior=entry.prior,
+                       fmt=self.fmt, prefix=prefix, max_new_tokens=n_new)
 
     def adapter_zip(self, rec: dict[str, Any]) -> bytes | None:
         """The task's LoRA (adapted, or the checkpoint's for in-context tasks) as a PEFT zip; None without one."""

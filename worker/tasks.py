@@ -88,11 +88,13 @@ def adapt(self, task_id: str) -> str:
         return "deleted"
     if rec["status"] == "ready" and rt.load_weights(rec) is not None:
         return "ready"  # a redelivery after the work was done
-    st.update_task(task_id, status="adapting", started_at=now(), step=0, n_steps=rec["steps"], error=None)
+    st.update_task(task_id, status="adapting", started_at=now(), step=0, epoch=0.0, n_steps=rec["steps"], error=None)
     st.incr_task(task_id, "attempts")
 
+    per_step = rec.get("epochs", 0.0) / max(rec["steps"], 1)  # epochs are steps x batch / demonstrations
+
     def on_step(i: int, n: int, loss: float) -> None:
-        if not st.update_task(task_id, step=i, n_steps=n, loss=loss):
+        if not st.update_task(task_id, step=i, n_steps=n, epoch=round(i * per_step, 3), loss=loss):
             raise Gone(task_id)
 
     t0 = time.monotonic()

@@ -12,8 +12,9 @@ from pydantic import ValidationError
 
 from app.deps import CeleryDep, SettingsDep, StoreDep, TenantDep
 from app.errors import ERRORS, invalid, invalid_from
-from app.schemas import Progress, TaskCreate, TaskInfo, TaskPage
+from app.schemas import Adaptation, Progress, TaskCreate, TaskInfo, TaskPage
 from app.worker_calls import call_worker
+from model.recipe import DEFAULT, Recipe
 from model.task import Limits, validate_task
 from worker import checkpoints
 from worker.store import BASE, content_hash, now, weights_key
@@ -25,8 +26,10 @@ ENQUEUE_GRACE_S = 30
 def info(rec: dict[str, Any], request: Request) -> TaskInfo:
     return TaskInfo(
         id=rec["id"], status=rec["status"], status_url=str(request.url_for("get_task", task_id=rec["id"])),
-        error=rec.get("error"), mode=rec["mode"], steps=rec["steps"], lr=rec["lr"], checkpoint=rec["checkpoint"],
-        progress=Progress(step=rec.get("step", 0), steps=rec.get("n_steps", rec["steps"]), loss=rec.get("loss"),
+        error=rec.get("error"), mode=rec["mode"], steps=rec["steps"], epochs=rec.get("epochs", 0.0), lr=rec["lr"],
+        recipe=rec.get("recipe") or {}, checkpoint=rec["checkpoint"],
+        progress=Progress(step=rec.get("step", 0), steps=rec.get("n_steps", rec["steps"]), epoch=rec.get("epoch", 0.0),
+                          epochs=rec.get("epochs", 0.0), loss=rec.get("loss"),
                           loss_before=rec.get("loss_before"), loss_after=rec.get("loss_after")),
         attempts=rec.get("attempts", 0), created_at=rec["created_at"], started_at=rec.get("started_at"),
         finished_at=rec.get("finished_at"),
@@ -51,6 +54,22 @@ def resolve_checkpoint(s, store, requested: str | None) -> str:
     except checkpoints.CheckpointError as e:
         raise invalid(("body", "checkpoint"), str(e), "unknown_checkpoint") from e
     return requested
+
+
+def resolve_recipe(s, a: Adaptation, mode: str, ckpt_lr: float | None) -> Recipe:
+    """The task's recipe: the default, the operator's overrides, then the request's fields. In
+    context (mode none) nothing is trained and every demonstration that fits is shown."""
+    recipe = DEFAULT.but(**s.adapt_recipe)
+    if mode == "none":
+        return recipe.but(epochs=0, min_steps=0, predict_demos=None)
+    lr = a.lr or ckpt_lr
+    if lr is not None:
+        recipe = recipe.but(lr=lr)
+    if a.epochs is not None:
+        recipe = recipe.but(epochs=a.epochs, min_steps=min(recipe.min_steps, 1 if a.epochs else 0))
+    if a.steps is not None:
+        recipe = recipe.but(epochs=1.0 if a.steps else 0.0, min_steps=a.steps, max_steps=a.steps)
+    return recipe
 
 
 def checkpoint_lr(s, ckpt: str, mode: str) -> float | None:
@@ -78,14 +97,17 @@ def create_task(body: TaskCreate, request: Request, response: Response, who: Ten
         raise invalid_from(e, ("body",)) from e
     a = body.adaptation
     mode = a.mode or s.adapt_mode
-    steps = s.adapt_steps if a.steps is None else a.steps
-    if steps > s.adapt_max_steps:
-        raise invalid(("body", "adaptation", "steps"), f"steps is {steps}; the limit is {s.adapt_max_steps}", "too_many_steps")
-    if mode == "none":
-        steps = 0
     ckpt = resolve_checkpoint(s, store, body.checkpoint)
-    lr = a.lr or checkpoint_lr(s, ckpt, mode) or (s.adapt_lr_full if mode == "full" else s.adapt_lr_lora)
-    spec = {"task": task.model_dump(exclude_none=True), "mode": mode, "steps": steps, "lr": lr, "seed": a.seed,
+    recipe = resolve_recipe(s, a, mode, checkpoint_lr(s, ckpt, mode))
+    steps = recipe.steps_for(len(task.demonstrations))
+    if steps > s.adapt_max_steps:
+        if a.steps is not None:
+            raise invalid(("body", "adaptation", "steps"), f"steps is {steps}; the limit is {s.adapt_max_steps}", "too_many_steps")
+        raise invalid(("body", "adaptation", "epochs"), f"{recipe.epochs:g} epochs of {len(task.demonstrations)} demonstrations "
+                      f"in batches of {recipe.batch_size} are {steps} steps; the limit is {s.adapt_max_steps}", "too_many_steps")
+    epochs = steps * min(recipe.batch_size, len(task.demonstrations)) / len(task.demonstrations)
+    spec = {"task": task.model_dump(exclude_none=True), "mode": mode, "recipe": recipe.to_dict(), "steps": steps,
+            "epochs": epochs, "lr": recipe.lr_for("full" if mode == "full" else "lora"), "seed": a.seed,
             "checkpoint": ckpt, "base_model": s.base_model, "prompt_format": s.prompt_format}
     digest = content_hash(who, spec)
     task_id = digest[:32]

@@ -1,0 +1,351 @@
+"""What a user gets: macro-F1 of the service's default adaptation on real tasks it never saw,
+side by side with in-context prediction, a PEFT + Trainer peer and a bag-of-words floor.
+
+Protocol (`bench/adapt_tasks.json` names the tasks): held-out classification tasks of the task
+bank from several settings, with 2 to 10+ labels, plus label-remapped variants (labels replaced
+by letters or unrelated words, so only the demonstrations tell the mapping). Two disjoint
+subsets: `search` (recipes are chosen on it) and `report` (the headline figures; never tuned
+on). Per task and seed: k label-balanced demonstrations from the train split
+(`model.bank.kshot`), the same test queries for every seed and variant (100, or all when
+fewer). Every variant sees exactly the same demonstrations and queries:
+
+    icl           in-context prediction, no training (the service's `mode: none` before calibration)
+    default       `model.adapt.adapt` with `model.recipe.DEFAULT` (what POST /tasks does with no knobs)
+    peft_trainer  the peer a practitioner writes: a fresh PEFT LoRA (r=8, alpha 16, dropout 0.05, q_proj
+                  and v_proj: PEFT's defaults for llama) trained by `transformers.Trainer` with the
+                  causal-LM loss on the output tokens of "input\\noutput" (no demonstrations in
+                  context), AdamW lr 1e-3 with linear decay, batch 4, 10 epochs; its options are then
+                  scored by mean log-likelihood per token with no demonstrations in context (its
+                  adapter loaded into our scorer: the same numbers PeftModel gives, faster)
+    tfidf_lr      scikit-learn TF-IDF (word 1-2 grams + char 2-5 grams) + logistic regression
+    <name>        any recipe given with --recipe NAME='{"loss": "lm", ...}' (overrides of DEFAULT)
+
+Metrics per variant: macro-F1 and accuracy (0-100), the collapse figures (share of the gold
+labels predicted at least once; share of predictions taken by the most-predicted label), the
+seconds per task (adaptation + prediction), and for LLM variants the macro-F1 that the same raw
+scores give with no calibration and with batch calibration on the test queries themselves (an
+oracle: it needs the test set). `margins` are paired differences by task and seed with a 95%
+bootstrap interval over tasks (`model.evaluate.paired`).
+
+Every result is journaled as it comes (--out DIR/journal.jsonl); the same command resumes.
+The last line printed is JSON:
+{"k": 16, "subset": "report", "results": {"icl": {...}, "default": {...}, ...}, "margins": {...}}
+
+    python bench/adapt_quality.py --subset report --k 16                   # the headline (~1 h on 2 cores)
+    python bench/adapt_quality.py --quick --variants icl,a,b --recipe a='{"epochs": 4}' --recipe b='{"lr": 3e-3}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.adapt import adapt  # noqa: E402
+from model.bank import kshot, load_bank  # noqa: E402
+from model.evaluate import fitting, paired  # noqa: E402
+from model.lm import LM  # noqa: E402
+from model.loading import load_lm, model_folder  # noqa: E402
+from model.prompts import Formatter  # noqa: E402
+from model.recipe import DEFAULT, ICL, Recipe  # noqa: E402
+from model.scoring import accuracy, macro_f1, predict, prior_of  # noqa: E402
+from model.settings import get_settings  # noqa: E402
+from model.task import Example, Task  # noqa: E402
+
+TASKS_FILE = Path(__file__).with_name("adapt_tasks.json")
+SEEDS = (100, 13, 21)
+LETTERS = [chr(ord("A") + i) for i in range(26)]
+# unrelated, single-token-ish English words: a mapping the label's meaning cannot give away
+WORDS = ["apple", "river", "chair", "cloud", "pencil", "garden", "window", "tiger", "violin", "bottle",
+         "mountain", "candle", "rocket", "basket", "island", "lemon", "mirror", "forest", "hammer", "planet"]
+PEER = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"), lr=1e-3, epochs=10, batch=4)
+log = logging.getLogger("bench.adapt_quality")
+
+
+# --------------------------------------------------------------------------- tasks
+class Remapped:
+    """A bank task whose labels are replaced (fixed per task): letters or unrelated words."""
+
+    def __init__(self, task, how: str):
+        labels = list(task.options)
+        rng = random.Random(f"remap:{task.name}:{how}")
+        new = LETTERS[: len(labels)] if how == "letters" else rng.sample(WORDS, len(labels))
+        if how == "letters":
+            rng.shuffle(new)  # so that the first label is not always "A"
+        self.map = dict(zip(labels, new))
+        self.base, self.name, self.options, self.instruction = task, f"{task.name}+{how}", new, None
+
+    def split(self, name: str) -> list[Example]:
+        return [Example.model_construct(input=e.input, output=self.map[e.output], options=None)
+                for e in self.base.split(name)]
+
+    @property
+    def train(self) -> list[Example]:
+        return self.split("train")
+
+
+def load_tasks(subset: str, data_dir: Path) -> list:
+    spec = json.loads(TASKS_FILE.read_text())[subset]
+    bank = load_bank(data_dir)
+    out = []
+    for entry in spec:
+        t = bank.task(entry["task"])
+        out.append(Remapped(t, entry["remap"]) if entry.get("remap") else t)
+    return out
+
+
+# --------------------------------------------------------------------------- variants
+def run_llm(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], recipe: Recipe, seed: int) -> dict[str, Any]:
+    """Adapt with the recipe (when it trains) and predict; raw scores kept for the calibration analysis."""
+    t0 = time.perf_counter()
+    params, prior, epochs = None, None, 0.0
+    if recipe.epochs > 0:
+        a = adapt(lm, task, recipe, "lora", seed=seed, fmt=fmt)
+        params, prior, epochs = a.params, a.prior, a.epochs
+    elif recipe.calibrate:
+        from model.scoring import option_prior
+
+        prior = option_prior(lm, task, None, recipe, fmt)
+    t1 = time.perf_counter()
+    raw = predict(lm, task, queries, params, recipe.but(calibrate=False), None, fmt)
+    t2 = time.perf_counter()
+    return {"raw": [[p.scores[o] for o in task.options] for p in raw], "prior": prior, "epochs": epochs,
+            "adapt_s": t1 - t0, "predict_s": t2 - t1}
+
+
+def run_peft(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], seed: int) -> dict[str, Any]:
+    """The practitioner's loop: PEFT LoRA + transformers.Trainer, causal-LM loss on the outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    t0 = time.perf_counter()
+    base = AutoModelForCausalLM.from_pretrained(model_folder(get_settings().base_model, get_settings().data_dir),
+                                                dtype=torch.float32, local_files_only=True)
+    model = get_peft_model(base, LoraConfig(r=PEER["r"], lora_alpha=PEER["alpha"], lora_dropout=PEER["dropout"],
+                                            target_modules=list(PEER["targets"]), task_type="CAUSAL_LM"))
+    rows = []
+    for d in task.demonstrations:
+        r = fmt.row(d.input, d.output)
+        rows.append({"input_ids": r.ctx + r.target, "labels": [-100] * len(r.ctx) + r.target})
+
+    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.tensor([b["input_ids"] + [lm.eos_id] * (n - len(b["input_ids"])) for b in batch])
+        labels = torch.tensor([b["labels"] + [-100] * (n - len(b["labels"])) for b in batch])
+        mask = torch.tensor([[1] * len(b["input_ids"]) + [0] * (n - len(b["input_ids"])) for b in batch])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=PEER["batch"], num_train_epochs=PEER["epochs"],
+            learning_rate=PEER["lr"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+            logging_strategy="no", save_strategy="no", report_to=[], seed=seed, use_cpu=True,
+            disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False)
+        Trainer(model=model, args=args, train_dataset=rows, data_collator=collate).train()
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+    assert set(lora) == set(lm.lora_names), "the peer's LoRA must sit where our scorer's does"
+    t1 = time.perf_counter()
+    recipe = ICL.but(predict_demos=0)
+    raw = predict(lm, task, queries, lora, recipe, None, fmt)
+    t2 = time.perf_counter()
+    return {"raw": [[p.scores[o] for o in task.options] for p in raw], "prior": None, "epochs": PEER["epochs"],
+            "adapt_s": t1 - t0, "predict_s": t2 - t1}
+
+
+def run_tfidf(task: Task, queries: Sequence[Example], seed: int) -> dict[str, Any]:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import FeatureUnion, make_pipeline
+
+    t0 = time.perf_counter()
+    # words, or any single symbol (inputs made only of emojis still have features)
+    feats = FeatureUnion([("w", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"\w+|[^\w\s]")),
+                          ("c", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True))])
+    clf = make_pipeline(feats, LogisticRegression(C=10.0, max_iter=2000, random_state=seed))
+    clf.fit([d.input for d in task.demonstrations], [d.output for d in task.demonstrations])
+    proba = clf.predict_proba([q.input for q in queries])
+    classes = list(clf.classes_)
+    raw = [[math.log(max(p[classes.index(o)], 1e-12)) if o in classes else -1e9 for o in task.options] for p in proba]
+    return {"raw": raw, "prior": None, "epochs": 0, "adapt_s": time.perf_counter() - t0, "predict_s": 0.0}
+
+
+# --------------------------------------------------------------------------- metrics
+def metrics(options: list[str], raw: list[list[float]], golds: list[str], prior: dict[str, float] | None,
+            llm: bool) -> dict[str, float]:
+    def decide(shift: dict[str, float] | None) -> list[str]:
+        shift = shift or {}
+        return [options[max(range(len(options)), key=lambda j: row[j] - shift.get(options[j], 0.0))] for row in raw]
+
+    preds = decide(prior)
+    counts = Counter(preds)
+    out = {"macro_f1": 100 * macro_f1(preds, golds), "accuracy": 100 * accuracy(preds, golds),
+           "labels_predicted_share": 100 * len(set(preds) & set(golds)) / len(set(golds)),
+           "top_label_share": 100 * max(counts.values()) / len(preds)}
+    if llm:
+        out["macro_f1_uncalibrated"] = 100 * macro_f1(decide(None), golds)
+        out["macro_f1_test_calibrated"] = 100 * macro_f1(decide(prior_of([dict(zip(options, r)) for r in raw])), golds)
+    return out
+
+
+def summarise(entries: dict[str, dict[str, list[dict]]]) -> dict[str, Any]:
+    """Per variant: every metric's mean over tasks of the mean over seeds, plus per-task/seed F1."""
+    out = {}
+    for v, per_task in entries.items():
+        if not per_task:
+            continue
+        keys = next(iter(per_task.values()))[0]["metrics"].keys()
+        res: dict[str, Any] = {}
+        for key in keys:
+            res[key] = sum(sum(e["metrics"][key] for e in es) / len(es) for es in per_task.values()) / len(per_task)
+        res["seconds"] = sum(sum(e["adapt_s"] + e["predict_s"] for e in es) / len(es) for es in per_task.values()) / len(per_task)
+        res["adapt_seconds"] = sum(sum(e["adapt_s"] for e in es) / len(es) for es in per_task.values()) / len(per_task)
+        res["tasks"] = len(per_task)
+        res["per_task"] = {t: sum(e["metrics"]["macro_f1"] for e in es) / len(es) for t, es in per_task.items()}
+        res["per_seed"] = {t: [e["metrics"]["macro_f1"] for e in es] for t, es in per_task.items()}
+        out[v] = res
+    return out
+
+
+def margins(results: dict[str, Any], pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    report = {"results": results}
+    out = {}
+    for a, b in pairs:
+        if a in results and b in results:
+            p = paired(report, a, b)
+            out[f"{a}-{b}"] = {"diff": p["diff"], "ci95": p["ci95"], "tasks": p["tasks"], "separated": p["separated"]}
+    return out
+
+
+def markdown(summary: dict[str, Any], k: int, subset: str, seeds: Sequence[int]) -> str:
+    names = list(summary)
+    tasks = list(dict.fromkeys(t for v in summary.values() for t in v["per_task"]))
+    lines = [f"# adapt_quality: k={k}, subset {subset}, seeds {list(seeds)}", "",
+             "| variant | macro-F1 | accuracy | gold labels predicted % | top label % | F1 uncalibrated | F1 test-batch calibrated | s/task |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in names:
+        r = summary[v]
+        f = lambda key: "-" if key not in r else f"{r[key]:.1f}"  # noqa: E731
+        lines.append(f"| {v} | {f('macro_f1')} | {f('accuracy')} | {f('labels_predicted_share')} | {f('top_label_share')} "
+                     f"| {f('macro_f1_uncalibrated')} | {f('macro_f1_test_calibrated')} | {f('seconds')} |")
+    lines += ["", "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for t in tasks:
+        lines.append(f"| {t} | " + " | ".join(f"{summary[v]['per_task'].get(t, float('nan')):.1f}" for v in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+def config_key(name: str, recipe: Recipe | None) -> str:
+    body = json.dumps({"name": name, "recipe": recipe.to_dict() if recipe else None, "peer": PEER if name == "peft_trainer" else None},
+                      sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--subset", default="report", choices=("search", "report"))
+    ap.add_argument("--quick", action="store_true", help="the search subset, 2 seeds (recipe search)")
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--seeds", default=None, help="comma-separated (default 100,13,21; --quick 100,13)")
+    ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--variants", default="icl,default,peft_trainer,tfidf_lr")
+    ap.add_argument("--recipe", action="append", default=[], help="NAME=JSON: a recipe variant (overrides of DEFAULT)")
+    ap.add_argument("--tasks", default=None, help="comma-separated task names to keep (of the subset)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--data-dir", type=Path, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    s = get_settings()
+    data_dir = args.data_dir or s.data_dir
+    subset = "search" if args.quick else args.subset
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(SEEDS[:2] if args.quick else SEEDS)
+    recipes: dict[str, Recipe] = {"icl": ICL, "default": DEFAULT}
+    for spec in args.recipe:
+        name, _, body = spec.partition("=")
+        recipes[name] = DEFAULT.but(**json.loads(body))
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in recipes and v not in ("peft_trainer", "tfidf_lr")]
+    if unknown:
+        ap.error(f"unknown variants {unknown}: give them with --recipe NAME=JSON")
+    out = args.out or Path(f"bench/results/adapt_quality-{subset}-k{args.k}")
+    out.mkdir(parents=True, exist_ok=True)
+    journal = out / "journal.jsonl"
+    known: dict[str, dict] = {}
+    if journal.is_file():
+        for line in journal.read_text().splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:  # a killed run's last line
+                continue
+            known[e["key"]] = e
+
+    lm = load_lm(s.base_model, data_dir, "cpu")
+    fmt = Formatter(lm.encode, s.prompt_format, s.context_tokens)
+    tasks = load_tasks(subset, data_dir)
+    if args.tasks:
+        keep = set(args.tasks.split(","))
+        tasks = [t for t in tasks if t.name in keep]
+    entries: dict[str, dict[str, list[dict]]] = {v: {} for v in variants}
+    for bt in tasks:
+        for seed in seeds:
+            task, queries = fitting(fmt, *kshot(bt, args.k, seed, n_test=args.n_test))
+            if task is None:
+                log.warning("%s: nothing fits the prompt budget; skipped", bt.name)
+                continue
+            golds = [q.output for q in queries]
+            for v in variants:
+                recipe = recipes.get(v)
+                key = f"{v}|{config_key(v, recipe)}|{bt.name}|{args.k}|{seed}|{len(queries)}"
+                if key not in known:
+                    if v == "tfidf_lr":
+                        r = run_tfidf(task, queries, seed)
+                    elif v == "peft_trainer":
+                        r = run_peft(lm, fmt, task, queries, seed)
+                    else:
+                        r = run_llm(lm, fmt, task, queries, recipe, seed)
+                    r["metrics"] = metrics(task.options, r["raw"], golds, r["prior"], v != "tfidf_lr")
+                    r["key"] = key
+                    r.pop("raw")
+                    with open(journal, "a") as f:
+                        f.write(json.dumps(r) + "\n")
+                    known[key] = r
+                    log.info("%s seed %d %s: F1 %.1f (uncal %.1f, test-cal %.1f) top %.0f%% %.1fs", bt.name, seed, v,
+                             r["metrics"]["macro_f1"], r["metrics"].get("macro_f1_uncalibrated", float("nan")),
+                             r["metrics"].get("macro_f1_test_calibrated", float("nan")), r["metrics"]["top_label_share"],
+                             r["adapt_s"] + r["predict_s"])
+                entries[v].setdefault(bt.name, []).append(known[key])
+    summary = summarise(entries)
+    base = "icl" if "icl" in summary else None
+    pairs = [(v, w) for v in summary for w in summary if v != w and (w == base or (v == "default" and w != base))]
+    result = {"k": args.k, "subset": subset, "seeds": seeds, "n_test": args.n_test, "tasks": [t.name for t in tasks],
+              "recipes": {v: recipes[v].to_dict() for v in variants if v in recipes},
+              "results": {v: {k: r[k] for k in r if k not in ("per_seed",)} for v, r in summary.items()},
+              "margins": margins(summary, pairs)}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(markdown(summary, args.k, subset, seeds))
+    print(markdown(summary, args.k, subset, seeds))
+    slim = {"k": args.k, "subset": subset,
+            "results": {v: {k: round(r[k], 2) for k in ("macro_f1", "accuracy", "labels_predicted_share", "top_label_share", "seconds")}
+                        for v, r in summary.items()},
+            "margins": result["margins"]}
+    print(json.dumps(slim))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,87 @@
+"""The adaptation recipe: how a task's demonstrations become adapted weights and predictions.
+
+One frozen config holds every choice the adaptation makes (the loss, the schedule in epochs,
+the lr, what is in context while training and while predicting, how options are scored and
+calibrated). `Recipe.for_task` turns it into the concrete numbers for one task (steps from the
+number of demonstrations); `model.adapt.adapt` and `model.scoring.predict` receive it. The
+service, the evaluation and the benches all start from `DEFAULT` and override fields; nothing
+else holds a default for these knobs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+Loss = Literal["lm", "options", "mix"]
+SPACES = ("lora", "full")
+LR = {"lora": 1e-3, "full": 1e-5}  # Adam's lr per space when a recipe gives none
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to adapt to a task and how to predict with the result.
+
+    loss: "lm" is the causal-LM loss on the gold output's tokens (MetaICL's loss); "options"
+        is the cross-entropy over the task's option scores, exactly what prediction ranks by
+        (generation tasks, which have no options, fall back to "lm"); "mix" adds the two.
+    epochs: passes over the demonstrations; steps = ceil(epochs * n / batch_size), clamped
+        to [min_steps, max_steps], so the schedule follows the number of demonstrations.
+    batch_size: demonstrations per step (fewer when the task has fewer).
+    lr: Adam's lr; None takes `LR[space]`.
+    context_demos: other demonstrations in context of each training example (drawn at random
+        per step, never the example itself).
+    predict_demos: demonstrations in context when predicting (None: as many as fit the budget).
+    length_norm: an option's score is its mean log-likelihood per token (True) or the sum.
+    calibrate: subtract each option's prior, estimated once at adaptation time from the
+        demonstrations' own scores (batch calibration with the demonstrations as the batch),
+        so predictions do not collapse onto the option the model favours a priori, and an input
+        gets the same answer whatever else is in its /predict call.
+    """
+
+    loss: Loss = "options"
+    epochs: float = 8.0
+    batch_size: int = 8
+    lr: float | None = None
+    context_demos: int = 0
+    predict_demos: int | None = 0
+    length_norm: bool = True
+    calibrate: bool = True
+    min_steps: int = 1
+    max_steps: int = 200
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("lm", "options", "mix"):
+            raise ValueError(f"loss must be lm, options or mix, got {self.loss!r}")
+        if self.epochs < 0 or self.batch_size < 1 or self.context_demos < 0:
+            raise ValueError("epochs must be >= 0, batch_size >= 1 and context_demos >= 0")
+        if self.predict_demos is not None and self.predict_demos < 0:
+            raise ValueError("predict_demos must be >= 0 or None (all that fit)")
+        if not 0 <= self.min_steps <= self.max_steps:
+            raise ValueError("need 0 <= min_steps <= max_steps")
+
+    def lr_for(self, space: str) -> float:
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        return self.lr if self.lr is not None else LR[space]
+
+    def steps_for(self, n_demos: int) -> int:
+        """Adam steps for n demonstrations: `epochs` passes in batches of `batch_size`."""
+        if self.epochs == 0 or n_demos == 0:
+            return 0
+        per_epoch = n_demos / min(self.batch_size, n_demos)
+        return max(self.min_steps, min(self.max_steps, math.ceil(self.epochs * per_epoch)))
+
+    def but(self, **changes: Any) -> Recipe:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+DEFAULT = Recipe()
+# MetaICL's in-context prediction, the baseline: no training, every demonstration that fits in
+# context, mean log-likelihood per token, no calibration.
+ICL = Recipe(loss="lm", epochs=0, predict_demos=None, calibrate=False, min_steps=0)
