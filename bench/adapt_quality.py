@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.adapt import adapt  # noqa: E402
 from model.bank import kshot, load_bank  # noqa: E402
 from model.evaluate import fitting, paired  # noqa: E402
-from model.lm import LM  # noqa: E402
+from model.lm import LM, LoraSpec  # noqa: E402
 from model.loading import load_lm, model_folder  # noqa: E402
 from model.prompts import Formatter  # noqa: E402
 from model.recipe import DEFAULT, ICL, Recipe  # noqa: E402
@@ -249,9 +249,9 @@ def markdown(summary: dict[str, Any], k: int, subset: str, seeds: Sequence[int])
 
 
 # --------------------------------------------------------------------------- main
-def config_key(name: str, recipe: Recipe | None) -> str:
-    body = json.dumps({"name": name, "recipe": recipe.to_dict() if recipe else None, "peer": PEER if name == "peft_trainer" else None},
-                      sort_keys=True)
+def config_key(name: str, recipe: Recipe | None, lora: LoraSpec) -> str:
+    body = json.dumps({"name": name, "recipe": recipe.to_dict() if recipe else None, "peer": PEER if name == "peft_trainer" else None}
+                      | ({"lora": lora.__dict__} if recipe and recipe.epochs and lora != LoraSpec() else {}), sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
@@ -294,7 +294,7 @@ def main() -> None:
                 continue
             known[e["key"]] = e
 
-    lm = load_lm(s.base_model, data_dir, "cpu")
+    lm = load_lm(s.base_model, data_dir, "cpu", LoraSpec.of(s))
     fmt = Formatter(lm.encode, s.prompt_format, s.context_tokens)
     tasks = load_tasks(subset, data_dir)
     if args.tasks:
@@ -310,7 +310,7 @@ def main() -> None:
             golds = [q.output for q in queries]
             for v in variants:
                 recipe = recipes.get(v)
-                key = f"{v}|{config_key(v, recipe)}|{bt.name}|{args.k}|{seed}|{len(queries)}"
+                key = f"{v}|{config_key(v, recipe, lm.lora)}|{bt.name}|{args.k}|{seed}|{len(queries)}"
                 if key not in known:
                     if v == "tfidf_lr":
                         r = run_tfidf(task, queries, seed)
@@ -320,6 +320,8 @@ def main() -> None:
                         r = run_llm(lm, fmt, task, queries, recipe, seed)
                     r["metrics"] = metrics(task.options, r["raw"], golds, r["prior"], v != "tfidf_lr")
                     r["key"] = key
+                    r["config"] = {"recipe": recipe.to_dict() if recipe else None, "lora": lm.lora.__dict__ if recipe else None,
+                                   "peer": PEER if v == "peft_trainer" else None}
                     r.pop("raw")
                     with open(journal, "a") as f:
                         f.write(json.dumps(r) + "\n")

@@ -26,7 +26,7 @@ from torch import Tensor
 from model.lm import LM, Params
 from model.prompts import Formatter, Row, longest
 from model.recipe import DEFAULT, Recipe
-from model.scoring import Prefix, option_prior, pad, row_logprobs
+from model.scoring import Prefix, demo_spans, encode_prefix, in_context, option_prior, pad, row_logprobs
 from model.task import Example, Task
 
 Episode = list[tuple[list[Example], Example]]  # (context demonstrations, query) pairs: one batch
@@ -110,19 +110,37 @@ def icl_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, instru
 
 
 def option_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, instruction: str | None,
-                episode: Episode, options: Sequence[str] | None, length_norm: bool = True, lm_weight: float = 0.0) -> Tensor:
+                episode: Episode, options: Sequence[str] | None, length_norm: bool = True, lm_weight: float = 0.0,
+                prompt: Sequence[Example] | None = None, gold_only: bool = False, prompt_grad: bool = True) -> Tensor:
     """Cross-entropy over each query's option scores (the scores prediction ranks by), plus
-    `lm_weight` times the LM loss on the gold option's tokens. Queries without options (generation)
-    contribute the LM loss alone."""
+    `lm_weight` times the LM loss on the gold option's tokens (`gold_only`: that loss alone).
+    Queries without options (generation) contribute the LM loss alone.
+
+    Context: each query's own sampled demonstrations (the episode's), or with `prompt` the
+    prediction prompt itself (instruction + those demonstrations, in order, as many as fit),
+    encoded once for the whole batch, each query's own copy masked from its attention: training
+    then sees exactly the context predictions will see, and no query can copy its label.
+    `prompt_grad` False treats the prompt's keys and values as constants (a forward pass less)."""
+    queries = [q for _, q in episode]
+    cands = [fmt.candidates(q.input, [q.output] if gold_only else list(q.options or options or [q.output])) for q in queries]
+    prefix, where = Prefix([]), {}
+    if prompt is not None:
+        ids, used = fmt.prefix(instruction, prompt, max(longest(c) for c in cands))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and prompt_grad):
+            prefix = encode_prefix(lm, ids, params, used)
+        where = demo_spans(fmt, prompt, ids, used)
     rows: list[Row] = []
+    hide: list[tuple[int, int] | None] = []
     spans: list[tuple[int, int, int]] = []  # per query: its rows [a, b) and the gold row
-    for ctx_demos, q in episode:
-        opts = list(q.options or options or [q.output])
-        cands = fmt.candidates(q.input, opts)
-        head, _ = fmt.prefix(instruction, ctx_demos, longest(cands))
-        spans.append((len(rows), len(rows) + len(cands), len(rows) + opts.index(q.output)))
-        rows += [Row(head + r.ctx, r.target) for r in cands]
-    sums, lengths = row_logprobs(lm, Prefix([]), rows, params)
+    for (ctx_demos, q), cs in zip(episode, cands):
+        opts = [q.output] if gold_only else list(q.options or options or [q.output])
+        spans.append((len(rows), len(rows) + len(cs), len(rows) + opts.index(q.output)))
+        if prompt is None:
+            head, _ = fmt.prefix(instruction, ctx_demos, longest(cs))
+            cs = [Row(head + r.ctx, r.target) for r in cs]
+        rows += cs
+        hide += [where.get(id(q))] * len(cs)
+    sums, lengths = row_logprobs(lm, prefix, rows, params, hide=hide)
     scores = sums / lengths if length_norm else sums
     gold = torch.tensor([g for _, _, g in spans], device=sums.device)
     ce = [-(scores[g] - torch.logsumexp(scores[a:b], 0)) for a, b, g in spans if b - a > 1]
@@ -133,11 +151,17 @@ def option_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, ins
 
 
 def episode_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, instruction: str | None,
-                 episode: Episode, options: Sequence[str] | None = None, loss: str = "lm", length_norm: bool = True) -> Tensor:
-    """The recipe's training loss on one episode: "lm" (`icl_loss`), "options" or "mix" (`option_loss`)."""
+                 episode: Episode, options: Sequence[str] | None = None, loss: str = "lm", length_norm: bool = True,
+                 prompt: Sequence[Example] | None = None, prompt_grad: bool = True) -> Tensor:
+    """The recipe's training loss on one episode: "lm", "options" or "mix", each query in its
+    own sampled context or (`prompt`) in the prediction prompt (see `option_loss`)."""
     if loss == "lm":
-        return icl_loss(lm, params, fmt, instruction, episode)
-    return option_loss(lm, params, fmt, instruction, episode, options, length_norm, 1.0 if loss == "mix" else 0.0)
+        if prompt is None:
+            return icl_loss(lm, params, fmt, instruction, episode)
+        return option_loss(lm, params, fmt, instruction, episode, options, length_norm, prompt=prompt, gold_only=True,
+                           prompt_grad=prompt_grad)
+    return option_loss(lm, params, fmt, instruction, episode, options, length_norm, 1.0 if loss == "mix" else 0.0, prompt,
+                       prompt_grad=prompt_grad)
 
 
 def support_episodes(demos: Sequence[Example], steps: int, batch_size: int, context_demos: int, rng: random.Random) -> list[Episode]:
@@ -171,6 +195,8 @@ def inner_loop(
     options: Sequence[str] | None = None,
     loss: str = "lm",
     length_norm: bool = True,
+    prompt: Sequence[Example] | None = None,
+    prompt_grad: bool = True,
 ) -> tuple[Params, AdamState, list[float]]:
     """Adapt `trainable` (on top of `fixed` overrides) with one Adam step per episode of `loss`
     (`episode_loss`).
@@ -182,7 +208,7 @@ def inner_loop(
     for i, ep in enumerate(episodes):
         if order == 0:
             trainable = {k: p.detach().requires_grad_() for k, p in trainable.items()}
-        value = episode_loss(lm, {**fixed, **trainable}, fmt, instruction, ep, options, loss, length_norm)
+        value = episode_loss(lm, {**fixed, **trainable}, fmt, instruction, ep, options, loss, length_norm, prompt, prompt_grad)
         grads = torch.autograd.grad(value, list(trainable.values()), create_graph=order == 2, allow_unused=True)
         grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(trainable.items(), grads)}
         if order < 2:
@@ -236,8 +262,14 @@ def start_params(lm: LM, mode: str, start: Mapping[str, Tensor] | None = None, s
 def support_loss(lm: LM, params: Mapping[str, Tensor], fmt: Formatter, task: Task, recipe: Recipe, seed: int, n: int = 8) -> float:
     """The recipe's loss on a fixed set of up to n leave-one-out queries (for before/after reports)."""
     rng = random.Random(seed + 1)
-    (episode,) = support_episodes(task.demonstrations, 1, n, recipe.context_demos, rng)
-    return episode_loss(lm, params, fmt, task.instruction, episode, task.options, recipe.loss, recipe.length_norm).item()
+    (episode,) = support_episodes(task.demonstrations, 1, n, recipe.context_demos or 0, rng)
+    return episode_loss(lm, params, fmt, task.instruction, episode, task.options, recipe.loss, recipe.length_norm,
+                        prompt_of(task, recipe), recipe.prompt_grad).item()
+
+
+def prompt_of(task: Task, recipe: Recipe) -> list[Example] | None:
+    """The demonstrations of the prediction prompt, when the recipe trains in it (context_demos None)."""
+    return in_context(task, recipe).demonstrations if recipe.context_demos is None else None
 
 
 def adapt(
@@ -263,9 +295,10 @@ def adapt(
     demos = task.demonstrations
     steps = recipe.steps_for(len(demos))
     before = support_loss(lm, {**fixed, **trainable}, fmt, task, recipe, seed)
-    episodes = support_episodes(demos, steps, recipe.batch_size, recipe.context_demos, random.Random(seed))
+    episodes = support_episodes(demos, steps, recipe.batch_size, recipe.context_demos or 0, random.Random(seed))
     trainable, state, losses = inner_loop(lm, fixed, trainable, fmt, task.instruction, episodes, recipe.lr_for(mode),
-                                          state, 0, on_step, task.options, recipe.loss, recipe.length_norm)
+                                          state, 0, on_step, task.options, recipe.loss, recipe.length_norm,
+                                          prompt_of(task, recipe), recipe.prompt_grad)
     params = {**fixed, **trainable}
     after = support_loss(lm, params, fmt, task, recipe, seed) if steps else before
     prior = option_prior(lm, task, params, recipe, fmt) if recipe.calibrate else None

@@ -49,6 +49,7 @@ def _autocast(lm: LM):
     return torch.autocast("cuda", dtype=torch.bfloat16) if lm.device.type == "cuda" else contextlib.nullcontext()
 
 
+@torch.no_grad()
 def zero_shot_prefix(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], params: Params | None) -> Prefix:
     rows = [r for q in queries for r in fmt.candidates(q.input, task.options_for(q) or [q.output])]
     ids, _ = fmt.prefix(task.instruction, [], longest(rows))

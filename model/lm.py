@@ -25,14 +25,28 @@ ADAPTER = "default"
 
 @dataclass(frozen=True)
 class LoraSpec:
+    """Where the LoRA sits: rank, scale, target modules, and optionally only some layers
+    (negative indices count from the top: (-8, ..., -1) is the top eight)."""
+
     r: int = 8
     alpha: int = 16
     targets: tuple[str, ...] = ("q_proj", "v_proj")
+    layers: tuple[int, ...] | None = None
 
-    def config(self) -> LoraConfig:
+    @classmethod
+    def of(cls, s) -> LoraSpec:
+        """From a `Settings` (lora_r, lora_alpha, lora_targets, lora_layers)."""
+        return cls(s.lora_r, s.lora_alpha, tuple(s.lora_targets), None if s.lora_layers is None else tuple(s.lora_layers))
+
+    def config(self, n_layers: int | None = None) -> LoraConfig:
+        layers = None
+        if self.layers is not None:
+            if n_layers is None:
+                raise ValueError("a LoRA on some layers needs the model's layer count")
+            layers = sorted({i % n_layers for i in self.layers})
         return LoraConfig(
             r=self.r, lora_alpha=self.alpha, target_modules=list(self.targets), lora_dropout=0.0,
-            bias="none", task_type="CAUSAL_LM",
+            bias="none", task_type="CAUSAL_LM", layers_to_transform=layers,
         )
 
 
@@ -48,7 +62,8 @@ class LM:
 
     @classmethod
     def wrap(cls, base: torch.nn.Module, tokenizer, name: str, sha256: str, lora: LoraSpec) -> LM:
-        peft_model = get_peft_model(base, lora.config(), adapter_name=ADAPTER).eval()
+        n_layers = getattr(getattr(base, "config", None), "num_hidden_layers", None)
+        peft_model = get_peft_model(base, lora.config(n_layers), adapter_name=ADAPTER).eval()
         names = [n for n, _ in peft_model.named_parameters()]
         lm = cls(peft_model, tokenizer, name, sha256, lora)
         lm.lora_names = [n for n in names if ".lora_" in n]
@@ -63,6 +78,10 @@ class LM:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.get_base_model().config.num_hidden_layers
 
     @property
     def eos_id(self) -> int:

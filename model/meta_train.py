@@ -170,7 +170,8 @@ class MetaTrainConfig(BaseModel):
 
     def lora_spec(self) -> LoraSpec:
         s = get_settings()
-        return LoraSpec(self.lora_r or s.lora_r, self.lora_alpha or s.lora_alpha, tuple(self.lora_targets or s.lora_targets))
+        own = LoraSpec.of(s)
+        return LoraSpec(self.lora_r or own.r, self.lora_alpha or own.alpha, tuple(self.lora_targets or own.targets), own.layers)
 
     def formatter(self, lm: LM) -> Formatter:
         return Formatter(lm.encode, self.prompt_format or get_settings().prompt_format, self.context_tokens)

@@ -30,8 +30,12 @@ class Recipe:
         to [min_steps, max_steps], so the schedule follows the number of demonstrations.
     batch_size: demonstrations per step (fewer when the task has fewer).
     lr: Adam's lr; None takes `LR[space]`.
-    context_demos: other demonstrations in context of each training example (drawn at random
-        per step, never the example itself).
+    context_demos: other demonstrations in context of each training example, drawn at random
+        per step (never the example itself); None trains in the prediction prompt itself (the
+        instruction and `predict_demos` demonstrations, in order), each example's own copy
+        masked from its attention.
+    prompt_grad: with context_demos None, whether gradients flow through the prompt's keys and
+        values (False: they are recomputed each step but held constant, a backward pass less).
     predict_demos: demonstrations in context when predicting (None: as many as fit the budget).
     length_norm: an option's score is its mean log-likelihood per token (True) or the sum.
     calibrate: subtract each option's prior, estimated once at adaptation time from the
@@ -44,7 +48,8 @@ class Recipe:
     epochs: float = 8.0
     batch_size: int = 8
     lr: float | None = None
-    context_demos: int = 0
+    context_demos: int | None = 0
+    prompt_grad: bool = True
     predict_demos: int | None = 0
     length_norm: bool = True
     calibrate: bool = True
@@ -54,8 +59,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.loss not in ("lm", "options", "mix"):
             raise ValueError(f"loss must be lm, options or mix, got {self.loss!r}")
-        if self.epochs < 0 or self.batch_size < 1 or self.context_demos < 0:
-            raise ValueError("epochs must be >= 0, batch_size >= 1 and context_demos >= 0")
+        if self.epochs < 0 or self.batch_size < 1 or (self.context_demos is not None and self.context_demos < 0):
+            raise ValueError("epochs must be >= 0, batch_size >= 1 and context_demos >= 0 or None")
         if self.predict_demos is not None and self.predict_demos < 0:
             raise ValueError("predict_demos must be >= 0 or None (all that fit)")
         if not 0 <= self.min_steps <= self.max_steps:

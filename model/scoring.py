@@ -54,8 +54,8 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Ten
     return ids.to(device), mask.to(device)
 
 
-@torch.no_grad()
 def encode_prefix(lm: LM, ids: list[int], params: Mapping[str, Tensor] | None = None, n_demos: int = 0) -> Prefix:
+    """The prompt prefix's KV cache (differentiable when grad is on: training through the prompt)."""
     if not ids:
         return Prefix(ids, None, n_demos)
     x = torch.tensor([ids], device=lm.device)
@@ -159,6 +159,7 @@ def build_prefix(
     return encode_prefix(lm, ids, params, used) if cache else Prefix(ids, None, used)
 
 
+@torch.no_grad()
 def predict(
     lm: LM,
     task: Task,
@@ -219,6 +220,18 @@ def prior_of(scores: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {o: math.log(max(p, 1e-12)) for o, p in zip(opts, mean.tolist())}
 
 
+def demo_spans(fmt: Formatter, demos: Sequence[Example], ids: list[int], used: int) -> dict[int, tuple[int, int]]:
+    """Where each of the first `used` demonstrations sits in prefix `ids`, keyed by id(example):
+    the span a query that is that very demonstration must not attend to."""
+    spans: dict[int, tuple[int, int]] = {}
+    end = len(ids)
+    for d in reversed(demos[:used]):
+        n = len(fmt.demo(d))
+        spans[id(d)] = (end - n, end)
+        end -= n
+    return spans
+
+
 def option_prior(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe: Recipe,
                  fmt: Formatter | None = None) -> dict[str, float] | None:
     """The options' prior for `predict`, estimated once from the task's own demonstrations
@@ -235,15 +248,10 @@ def option_prior(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe
     demos = [d for d in task.demonstrations if d.options is None]
     rows = [r for d in demos for r in fmt.candidates(d.input, task.options)]
     ids, used = fmt.prefix(shown.instruction, shown.demonstrations, longest(rows))
-    # where each demonstration in context sits in the prefix: the same one, scored, must not see it
-    spans: dict[int, tuple[int, int]] = {}
-    end = len(ids)
-    for i in reversed(range(used)):
-        n = len(fmt.demo(shown.demonstrations[i]))
-        spans[id(shown.demonstrations[i])] = (end - n, end)
-        end -= n
+    spans = demo_spans(fmt, shown.demonstrations, ids, used)
     hide = [spans.get(id(d)) for d in demos for _ in task.options]
-    sums, lengths = row_logprobs(lm, encode_prefix(lm, ids, params, used), rows, params, hide=hide)
+    with torch.no_grad():
+        sums, lengths = row_logprobs(lm, encode_prefix(lm, ids, params, used), rows, params, hide=hide)
     scores = (sums / lengths if recipe.length_norm else sums).view(len(demos), len(task.options))
     return prior_of([dict(zip(task.options, row)) for row in scores.tolist()])
 

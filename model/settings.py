@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = ["q_proj", "v_proj"]
+    lora_layers: list[int] | None = None  # None: every layer; negative indices count from the top
 
     # --- test-time adaptation: the recipe is model.recipe.DEFAULT; operators may override its
     # fields here, as JSON (MAMLSERVE_ADAPT_RECIPE='{"epochs": 4}'); requests override both
@@ -66,6 +67,12 @@ class Settings(BaseSettings):
     predict_timeout_s: float = 300.0  # how long /predict waits for the worker (a re-adaptation included)
     predict_linger_ms: float = 10.0  # an idle task's first /predict waits this long for concurrent calls to batch with
     torch_threads: int = 0  # the worker's torch threads; 0: torch's default (one per core)
+
+    # --- crash recovery: a run whose worker stopped beating is queued again by the API's reaper
+    heartbeat_s: float = Field(2.0, gt=0, description="how often a worker process reports itself and the run it is on")
+    worker_dead_after_s: float = Field(10.0, gt=0, description="a worker silent this long is gone (/readyz, the reaper)")
+    reap_every_s: float = Field(5.0, gt=0, description="how often the API looks for runs whose worker is gone")
+    enqueue_grace_s: float = Field(30.0, gt=0, description="a task not enqueued after this long (its creator died) is enqueued by the reaper")
 
 
 @lru_cache

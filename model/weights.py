@@ -71,7 +71,7 @@ def _our_key(name: str) -> str:
 
 def peft_files(lm: LM, lora: Mapping[str, Tensor]) -> dict[str, bytes]:
     """The two files of a PEFT adapter folder, as bytes."""
-    cfg = lm.lora.config()
+    cfg = lm.lora.config(lm.n_layers)
     cfg.base_model_name_or_path = lm.name
     config = json.dumps(cfg.to_dict(), default=list, indent=2, sort_keys=True).encode()
     return {CONFIG: config, WEIGHTS: to_bytes({_peft_key(k): v for k, v in lora.items()}, {"format": "pt"})}

@@ -218,3 +218,29 @@ def test_concurrent_predictions_share_a_batch_and_get_their_own_answers(client):
     assert metric(client, "mamlserve_predict_batches_total") - batches < len(texts)  # some calls were merged
     for p in together[:2]:  # batched or not, the same answer
         assert [s["score"] for s in p["scores"]] == pytest.approx([s["score"] for s in alone[p["input"]]["scores"]], abs=1e-4)
+
+
+def test_a_task_with_no_knobs_gets_the_recipe_and_answers_an_input_alike_in_any_batch(client):
+    """Nothing but demonstrations and options: the default recipe, its steps following the number of
+    demonstrations, progress in epochs; the stored calibration makes an input's answer independent
+    of whatever else is in its /predict call."""
+    from model.recipe import DEFAULT
+
+    task = create(client, sentiment(8, tag="no-knobs")).json()
+    assert task["recipe"] == DEFAULT.to_dict() and task["mode"] == "lora"
+    assert task["steps"] == DEFAULT.steps_for(8) and task["epochs"] == pytest.approx(DEFAULT.epochs)
+    done = wait_status(client, task["id"])
+    assert done["progress"]["step"] == done["steps"] and done["progress"]["epoch"] == pytest.approx(done["epochs"], abs=1e-3)
+
+    def scores(inputs: list[str]) -> dict:
+        r = client.post("/predict", json={"task_id": task["id"], "inputs": inputs}, headers=auth())
+        assert r.status_code == 200, r.text
+        return {s["option"]: s["score"] for s in r.json()["predictions"][0]["scores"]}
+
+    alone = scores(["what a joy"])
+    assert scores(["what a joy", "so dull", "hated it", "brilliant"]) == pytest.approx(alone, abs=1e-5)
+
+    # a request's fields override the recipe's, and change the task
+    more = create(client, {**sentiment(8, tag="no-knobs"), "adaptation": {"epochs": 2, "lr": 0.01}}).json()
+    assert more["id"] != task["id"] and more["steps"] == DEFAULT.but(epochs=2).steps_for(8)
+    assert more["recipe"]["lr"] == 0.01 and more["lr"] == 0.01

@@ -62,7 +62,7 @@ def tokenizer(s: Settings):
 
 
 def lora_spec(s: Settings) -> LoraSpec:
-    return LoraSpec(s.lora_r, s.lora_alpha, tuple(s.lora_targets))
+    return LoraSpec.of(s)
 
 
 @dataclass
@@ -231,7 +231,8 @@ class Runtime:
         ids, used = self.fmt.prefix(shown.instruction, shown.demonstrations, longest(rows))
         prefix = entry.prefixes.get(used)
         if prefix is None:
-            prefix = entry.prefixes[used] = encode_prefix(self.lm, ids, entry.params or None, used)
+            with torch.no_grad():
+                prefix = entry.prefixes[used] = encode_prefix(self.lm, ids, entry.params or None, used)
         return predict(self.lm, task, queries, params=entry.params or None, recipe=recipe, prior=entry.prior,
                        fmt=self.fmt, prefix=prefix, max_new_tokens=n_new)
 

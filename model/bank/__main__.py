@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("settings", help="(maintainers) regenerate model/bank/settings/*.json from a built bank")
     g.add_argument("--data-dir")
     g.add_argument("--out", default=str(SETTINGS_DIR))
+    g.add_argument("--only", action="append", help="regenerate only these settings (repeatable)")
     a = p.parse_args(argv)
     data_dir = _data_dir(a.data_dir)
     if a.cmd == "build":
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from model.bank.splits import write_settings
 
-        for path in write_settings(load_bank(data_dir), Path(a.out)):
+        for path in write_settings(load_bank(data_dir), Path(a.out), a.only):
             print(f"wrote {path}")
     return 0
 

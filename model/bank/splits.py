@@ -26,6 +26,8 @@ class Rule:
     held: Callable[[dict], bool]  # on the manifest's per-task summary
     train: Callable[[dict], bool]
     n_held: int | None  # None: every eligible task is held out
+    names: tuple[str, ...] = ()  # held out by name instead of by `held` (those present in the bank)
+    family_apart: bool = False  # no meta-train task of a held-out task's family (translations, variants)
 
 
 def _cls(t: dict) -> bool:
@@ -35,6 +37,14 @@ def _cls(t: dict) -> bool:
 def _total(t: dict) -> int:
     return t["train"] + t["dev"] + t["test"]
 
+
+USER_TASKS = (
+    "bigbench.intent_recognition", "bigbench.multiemo.all_sentence_en", "evals.sarcasm", "rotten_tomatoes.subjectivity",
+    "rotten_tomatoes.sentiment", "bigbench.social_support", "wordnet.lexname_noun", "wordnet.lexname_verb",
+    "bigbench.fact_checker.politifact", "bigbench.fact_checker.fever", "evals.bias_detection", "wordnet.part_of_speech",
+    "bigbench.metaphor_boolean", "bigbench.emojis_emotion_prediction", "bigbench.irony_identification",
+    "evals.portuguese-sarcasm", "bigbench.fact_checker.covid19_scientific", "bigbench.sports_understanding",
+)
 
 RULES = [
     Rule("class_to_class", "classification (one label set, QA with lettered answers aside) -> unseen classification tasks",
@@ -53,6 +63,11 @@ RULES = [
          lambda t: _total(t) < 300, lambda t: t["train"] >= 5000, 20),
     Rule("unseen_source", "BIG-bench only -> OpenAI evals tasks (a source never seen in meta-training)",
          lambda t: t["source"] == "evals", lambda t: t["source"] == "bigbench", 24),
+    Rule("user_tasks",
+         "everything else -> text classification of the kind users bring (sentiment, emotion, intent, sarcasm, "
+         "subjectivity, support, fact-checking, bias, metaphor, word senses and parts of speech); no meta-train task "
+         "of a held-out task's family (the other multiemo languages are translations of the same opinions)",
+         lambda t: False, lambda t: True, None, names=USER_TASKS, family_apart=True),
 ]
 MIN_TEST = 16
 PER_FAMILY = 2
@@ -95,7 +110,10 @@ def check_disjoint(bank: Bank, st: Setting, cache: dict | None = None) -> list[s
 def make_setting(bank: Bank, rule: Rule, inputs: dict[str, set[int]]) -> Setting:
     """inputs: every task's input texts (write_settings reads them once for all rules)."""
     tasks = bank.manifest["tasks"]
-    pool = sorted(n for n, t in tasks.items() if rule.held(t) and t["test"] >= MIN_TEST)
+    if rule.names:
+        pool = sorted(n for n in rule.names if n in tasks and tasks[n]["test"] >= MIN_TEST)
+    else:
+        pool = sorted(n for n, t in tasks.items() if rule.held(t) and t["test"] >= MIN_TEST)
     train_pool = sorted(n for n, t in tasks.items() if rule.train(t))
     if rule.n_held is None:
         held = pool
@@ -112,17 +130,21 @@ def make_setting(bank: Bank, rule: Rule, inputs: dict[str, set[int]]) -> Setting
             held.append(n)
             fams[family(n)] += 1
     held_inputs = set().union(*(inputs[n] for n in held))
-    clash = [n for n in train_pool if n not in held and inputs[n] & held_inputs]
+    held_families = {family(n) for n in held} if rule.family_apart else set()
+    clash = [n for n in train_pool if n not in held and (inputs[n] & held_inputs or family(n) in held_families)]
     meta_train = [n for n in train_pool if n not in held and n not in clash]
-    desc = rule.description + (f". {len(clash)} meta-train candidates dropped for sharing inputs with held-out tasks" if clash else "")
+    shared = "inputs (or a family)" if rule.family_apart else "inputs"
+    desc = rule.description + (f". {len(clash)} meta-train candidates dropped for sharing {shared} with held-out tasks" if clash else "")
     return Setting(rule.name, meta_train, sorted(held), desc)
 
 
-def write_settings(bank: Bank, out: Path) -> list[Path]:
+def write_settings(bank: Bank, out: Path, only: list[str] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     inputs = {n: task_inputs(bank, n) for n in bank.names}
     for rule in RULES:
+        if only and rule.name not in only:
+            continue
         st = make_setting(bank, rule, inputs)
         path = out / f"{rule.name}.json"
         path.write_text(json.dumps({"name": st.name, "description": st.description, "bank_build_key": bank.manifest["build_key"],

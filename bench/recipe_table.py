@@ -1,0 +1,83 @@
+"""Every configuration a bench/adapt_quality.py journal holds, one row each: the table of the
+recipe search. Rows are compared with in-context prediction on the same tasks and seeds (the
+journal's `icl` entries), so configurations run on different task subsets stay comparable.
+
+    python bench/recipe_table.py bench/results/search-k16/journal.jsonl > bench/results/recipes-k16.md
+
+The last line printed is JSON: {"rows": N, "best": {...}}.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.recipe import DEFAULT  # noqa: E402
+
+
+def load(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def describe(config: dict | None) -> str:
+    if not config:
+        return ""
+    if config.get("peer"):
+        return "PEFT LoRA + transformers.Trainer: " + ", ".join(f"{k} {v}" for k, v in config["peer"].items())
+    recipe = config.get("recipe") or {}
+    base = DEFAULT.to_dict()
+    parts = [f"{k}={v}" for k, v in recipe.items() if base.get(k) != v]
+    lora = config.get("lora") or {}
+    if lora and (lora.get("layers") or lora.get("targets") != ["q_proj", "v_proj"] and lora.get("targets") != ("q_proj", "v_proj")
+                 or lora.get("r") != 8):
+        parts.append(f"lora r={lora.get('r')} targets={','.join(lora.get('targets') or [])} layers={lora.get('layers')}")
+    return ", ".join(parts) or "(the default)"
+
+
+def main() -> None:
+    entries = [e for p in sys.argv[1:] for e in load(Path(p))]
+    icl = {}
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for e in entries:
+        variant, cfg, task, k, seed, n = e["key"].split("|")
+        e["_ts"] = (task, k, seed)
+        groups[f"{variant}|{cfg}|k{k}"].append(e)
+        if variant == "icl":
+            icl[(task, k, seed)] = e["metrics"]["macro_f1"]
+    rows = []
+    for name, es in groups.items():
+        f1 = [e["metrics"]["macro_f1"] for e in es]
+        paired = [e["metrics"]["macro_f1"] - icl[e["_ts"]] for e in es if e["_ts"] in icl]
+        tasks = {e["_ts"][0] for e in es}
+        rows.append({
+            "config": name, "k": name.rsplit("k", 1)[1], "runs": len(es), "tasks": len(tasks),
+            "macro_f1": statistics.mean(f1), "vs_icl": statistics.mean(paired) if paired else None,
+            "top_label": statistics.mean(e["metrics"]["top_label_share"] for e in es),
+            "seconds": statistics.mean(e["adapt_s"] + e["predict_s"] for e in es),
+            "what": describe(es[-1].get("config")),
+        })
+    rows.sort(key=lambda r: (r["k"], -(r["vs_icl"] if r["vs_icl"] is not None else -1e9)))
+    print("| configuration | k | task-seeds (tasks) | macro-F1 | vs in-context, same runs | top label % | s/task | what differs from the default |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        vs = "-" if r["vs_icl"] is None else f"{r['vs_icl']:+.1f}"
+        print(f"| {r['config'].split('|')[0]} | {r['k']} | {r['runs']} ({r['tasks']}) | {r['macro_f1']:.1f} | {vs} | {r['top_label']:.0f} "
+              f"| {r['seconds']:.0f} | {r['what']} |")
+    best = max((r for r in rows if r["vs_icl"] is not None and not r["config"].startswith("icl|")), key=lambda r: r["vs_icl"],
+               default=None)
+    print(json.dumps({"rows": len(rows), "best": best}))
+
+
+if __name__ == "__main__":
+    main()
