@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from app import metrics
+from app.adaptations import reap_forever, sender
 from app.batcher import Batcher
 from app.limits import BodyLimit
 from app.routes import admin, health, predict, tasks
@@ -61,7 +63,11 @@ def create_app(s: Settings | None = None) -> FastAPI:
         # /predict blocks a thread while the worker answers: allow many at once.
         anyio.to_thread.current_default_thread_limiter().total_tokens = 256
         app.state.count_tokens("warm up")  # load the tokenizer before the first request
+        reaper = asyncio.create_task(reap_forever(
+            app.state.store, sender(app.state.celery), every_s=s.reap_every_s,
+            dead_after_s=s.worker_dead_after_s, enqueue_grace_s=s.enqueue_grace_s))
         yield
+        reaper.cancel()
         app.state.store.r.close()
         app.state.cache.close()
 

@@ -48,6 +48,11 @@ ENV = {
     "MAMLSERVE_PREDICT_TIMEOUT_S": "120",
     # A killed worker's task comes back after this (production: the longest time limit + 10 min).
     "MAMLSERVE_VISIBILITY_TIMEOUT_S": "4",
+    # Heartbeats and the reaper at test speed: a run whose worker is gone is queued again within seconds.
+    "MAMLSERVE_HEARTBEAT_S": "0.5",
+    "MAMLSERVE_WORKER_DEAD_AFTER_S": "3",
+    "MAMLSERVE_REAP_EVERY_S": "0.5",
+    "MAMLSERVE_ENQUEUE_GRACE_S": "2",
     "OMP_NUM_THREADS": "1",  # two cores shared by the worker and the tests
 }
 
@@ -65,10 +70,6 @@ def settings(**overrides) -> Settings:
         os.environ.update(keep)
 
 
-def clear_workers(r: redis.Redis) -> None:
-    r.delete("ms:workers")
-
-
 def wait_for(check, timeout: float, what: str, every: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,14 +82,28 @@ def wait_for(check, timeout: float, what: str, every: float = 0.05):
 
 class RedisServer:
     def __init__(self, port: int, name: str, *args: str):
-        self.port, self.dir = port, TMP / name
+        self.port, self.dir, self.args = port, TMP / name, args
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
-             "--daemonize", "no", "--logfile", str(self.dir / "redis.log"), *args],
-        )
         self.client = redis.Redis(port=port)
-        wait_for(self._ping, 10, f"redis-server on {port}")
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+             "--daemonize", "no", "--logfile", str(self.dir / "redis.log"), *self.args],
+        )
+        wait_for(self._ping, 10, f"redis-server on {self.port}")
+
+    def restart(self, down_s: float = 0.0, kill: bool = False) -> None:
+        """Stop (SIGTERM, or SIGKILL: clients find the port closed at once), stay down, start again
+        (from the AOF where there is one: every acknowledged write is in it, even after SIGKILL)."""
+        if kill:
+            self.proc.kill()
+            self.proc.wait(10)
+        else:
+            self.stop()
+        time.sleep(down_s)
+        self.start()
 
     def _ping(self) -> bool:
         try:
@@ -105,23 +120,33 @@ class Worker:
     """The celery command of scripts/worker.sh, in its own process group. Without worker.sh's recover
     step: the crash test must see the broker's own redelivery (recover has a test of its own)."""
 
-    def __init__(self, records: redis.Redis):
-        self.records = records
+    def __init__(self, records: redis.Redis, env: dict[str, str] | None = None, queues: str = "predict,adapt,meta",
+                 name: str = "worker"):
+        self.records, self.env, self.queues = records, {**ENV, **(env or {})}, queues
         self.proc: subprocess.Popen | None = None
-        self.log = TMP / "worker.log"
+        self.log = TMP / f"{name}.log"
 
     def start(self) -> None:
-        clear_workers(self.records)
         with open(self.log, "a") as out:  # the child keeps its own copy of the descriptor
             self.proc = self._spawn(out)
         # Ready when the pool child has loaded the model (its heartbeat appears).
-        wait_for(lambda: self.records.hlen("ms:workers") or self._died(), 120, "the worker loading the model")
+        wait_for(lambda: self.processes() or self._died(), 120, "the worker loading the model")
+
+    def processes(self) -> list[str]:
+        """This worker's processes in the heartbeats ("host:pid"; its pool child, once the model is loaded)."""
+        def mine(name: str) -> bool:
+            try:
+                return os.getpgid(int(name.rsplit(":", 1)[1])) == self.proc.pid
+            except (ProcessLookupError, ValueError):
+                return False
+
+        return [k for k in (n.decode() for n in self.records.hkeys("ms:workers")) if mine(k)]
 
     def _spawn(self, out) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "prefork", "-c", "1",
-             "-Q", "predict,adapt,meta", "--loglevel", "INFO", "-n", f"test-{time.monotonic_ns()}@%h"],
-            cwd=ROOT, env={**os.environ, **ENV}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+             "-Q", self.queues, "--loglevel", "INFO", "-n", f"test-{time.monotonic_ns()}@%h"],
+            cwd=ROOT, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def _died(self) -> bool:
@@ -131,9 +156,8 @@ class Worker:
 
     def kill(self) -> None:
         """SIGKILL the whole worker (parent and pool child): no chance to requeue or clean up."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        os.killpg(self.proc.pid, signal.SIGKILL)  # its heartbeat goes stale, as after a real crash
         self.proc.wait(10)
-        clear_workers(self.records)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -1,26 +1,51 @@
-"""A worker SIGKILLed in the middle of an adaptation: the broker redelivers the task (acks_late,
-visibility timeout) to the next worker, and the task ends ready exactly once."""
+"""Crashes in the middle of an adaptation: a worker SIGKILLed (the broker redelivers the task:
+acks_late, visibility timeout), either Redis restarted (the reaper re-queues the task its worker
+dropped). Each time the task ends ready exactly once."""
 
 from __future__ import annotations
 
-from conftest import auth, wait_for, wait_status
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis
+
+from conftest import CACHE_PORT, ENV, RECORDS_PORT, Worker, auth, settings, wait_for, wait_status
 
 
-def test_worker_killed_during_adaptation_ends_ready_once(client, worker, records):
+def long_body(tag: str, steps: int = 60) -> dict:
     words = "the quick brown fox jumps over the lazy dog while the movie was great and i loved it " * 4
-    demos = [{"input": f"{words} {i}", "output": "positive" if i % 2 else "negative"} for i in range(8)]
-    r = client.post("/tasks", json={"demonstrations": demos, "options": ["positive", "negative"],
-                                    "adaptation": {"steps": 60}}, headers=auth())
+    demos = [{"input": f"{words} {tag} {i}", "output": "positive" if i % 2 else "negative"} for i in range(8)]
+    return {"demonstrations": demos, "options": ["positive", "negative"], "adaptation": {"steps": steps}}
+
+
+def long_task(client, tag: str, steps: int = 60) -> str:
+    """A task whose adaptation takes long enough to be interrupted; its id once it is under way."""
+    r = client.post("/tasks", json=long_body(tag, steps), headers=auth())
     assert r.status_code == 202, r.text
     tid = r.json()["id"]
-    key = f"ms:task:{tid}"
 
     def mid_adaptation():
         rec = client.app.state.store.task(tid)
-        assert rec["status"] != "ready", "adaptation finished before the worker could be killed"
+        assert rec["status"] != "ready", "adaptation finished before it could be interrupted"
         return rec["status"] == "adapting" and rec.get("step", 0) >= 2
 
     wait_for(mid_adaptation, 120, "adaptation under way", every=0.01)
+    return tid
+
+
+def ends_ready_once(client, tid: str) -> None:
+    done = wait_status(client, tid, timeout=180)
+    assert done["progress"]["step"] == 60
+    assert client.app.state.store.task(tid)["completions"] == 1
+    r = client.post("/predict", json={"task_id": tid, "inputs": ["a great movie"]}, headers=auth())
+    assert r.status_code == 200, r.text
+
+
+def test_worker_killed_during_adaptation_ends_ready_once(client, worker, records):
+    tid = long_task(client, "kill")
+    key = f"ms:task:{tid}"
     worker.kill()
     rec = client.app.state.store.task(tid)
     assert rec["status"] == "adapting" and rec["attempts"] == 1 and rec["completions"] == 0
@@ -35,6 +60,18 @@ def test_worker_killed_during_adaptation_ends_ready_once(client, worker, records
     assert records.hget(key, "completions") == b"1"
     r = client.post("/predict", json={"task_id": tid, "inputs": ["a great movie"]}, headers=auth())
     assert r.status_code == 200, r.text
+
+
+def test_a_task_deleted_while_adapting_and_posted_again_is_not_written_by_the_old_run(client, worker):
+    """The old run keeps going until its next step; the new record is its own run's alone."""
+    tid = long_task(client, "repost")
+    assert client.delete(f"/tasks/{tid}", headers=auth()).status_code == 204
+    reposted = time.time()
+    r = client.post("/tasks", json=long_body("repost"), headers=auth())
+    assert r.status_code == 202 and r.json()["id"] == tid, r.text
+    ends_ready_once(client, tid)
+    rec = client.app.state.store.task(tid)
+    assert rec["attempts"] == 1 and rec["started_at"] >= reposted
 
 
 def test_recover_puts_back_what_a_dead_worker_left(redis_servers):
@@ -65,3 +102,81 @@ def test_recover_puts_back_what_a_dead_worker_left(redis_servers):
         assert restore_unacked(url) == 0
     finally:
         db.flushdb()
+
+
+DB = 3  # the deployed service's own database: no other test's worker consumes it
+
+
+@dataclass
+class Deployed:
+    client: Any
+    workers: list[Worker]
+
+    def runner(self, task_id: str) -> Worker:
+        """The worker whose process claimed the task's run."""
+        on = self.client.app.state.store.task(task_id)["worker"]
+        return next(w for w in self.workers if on in w.processes())
+
+
+@pytest.fixture(scope="module")
+def deployed(redis_servers):
+    """Two workers and an API as deployed: the broker redelivers a lost message only after the
+    production visibility timeout (hours), so what recovers a run within a test is the reaper."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    urls = {"redis_url": f"redis://127.0.0.1:{RECORDS_PORT}/{DB}", "cache_redis_url": f"redis://127.0.0.1:{CACHE_PORT}/{DB}"}
+    over = {**urls, "visibility_timeout_s": "0", "adapt_max_steps": "400"}
+    db = redis.Redis(port=RECORDS_PORT, db=DB)
+    db.flushdb()
+    workers = [Worker(db, {f"MAMLSERVE_{k.upper()}": v for k, v in over.items()}, name=f"deployed-{i}") for i in range(2)]
+    try:
+        for w in workers:
+            w.start()
+        with TestClient(create_app(settings(**over))) as c:
+            yield Deployed(c, workers)
+    finally:
+        for w in workers:
+            w.stop()
+        db.flushdb()
+        redis.Redis(port=CACHE_PORT, db=DB).flushdb()
+
+
+def test_reaper_queues_again_only_the_run_whose_own_worker_died(deployed):
+    """Another worker dying leaves a running adaptation alone; its own worker dying gets it queued
+    again (no broker redelivery for hours) and finished by the other worker, once."""
+    client, store = deployed.client, deployed.client.app.state.store
+    tid = long_task(client, "reaper", steps=400)
+    runner = deployed.runner(tid)
+    idle = next(w for w in deployed.workers if w is not runner)
+    run = store.task(tid)["run"]
+
+    idle.kill()
+    time.sleep(float(ENV["MAMLSERVE_WORKER_DEAD_AFTER_S"]) + 2)  # its heartbeat is stale; reaper passes go by
+    rec = store.task(tid)
+    assert rec["status"] == "adapting" and rec["run"] == run and rec["attempts"] == 1, rec
+
+    idle.start()
+    runner.kill()
+    done = wait_status(client, tid, timeout=300)
+    rec = store.task(tid)
+    assert done["progress"]["step"] == 400 and rec["run"] != run
+    assert rec["attempts"] == 2 and rec["completions"] == 1 and rec["worker"] in idle.processes()
+    runner.start()
+
+
+def test_records_redis_restart_during_adaptation_ends_ready_once(deployed, redis_servers):
+    """The broker and the records gone (SIGKILL) for longer than the store's retries, then back
+    from the AOF: the worker's delivery of the run is lost with its connection, and the run ends
+    ready once all the same."""
+    tid = long_task(deployed.client, "records-restart")
+    redis_servers[0].restart(down_s=3, kill=True)
+    ends_ready_once(deployed.client, tid)
+
+
+def test_cache_redis_restart_during_adaptation_ends_ready_once(deployed, redis_servers):
+    """The weights cache gone when the run wants to store its weights: it waits for it."""
+    tid = long_task(deployed.client, "cache-restart")
+    redis_servers[1].restart(down_s=3, kill=True)
+    ends_ready_once(deployed.client, tid)

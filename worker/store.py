@@ -23,7 +23,8 @@ JOBS = "ms:jobs"  # zset of job ids by creation time
 ACTIVE = "ms:checkpoint:active"  # the checkpoint new tasks start from by default
 METRICS = "ms:metrics"  # counters the worker adds to and /metrics reads
 REPLY = "ms:reply:"  # + uuid -> list the worker pushes a prediction reply onto
-WORKERS = "ms:workers"  # hash: process -> its model and last heartbeat
+WORKERS = "ms:workers"  # hash: process -> its model, the run it is on and its last heartbeat
+PENDING = "ms:pending"  # zset: ids of queued or adapting tasks (what the reaper looks at), by last change
 
 BASE = "base"  # the checkpoint id of the base model (no meta-training)
 ADAPT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -41,6 +42,7 @@ _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+if redis.call('HGET', KEYS[1], 'status') == '"queued"' then redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2]) end
 return 1
 """
 # Update a record only while it exists: a worker finishing late never resurrects a deleted task.
@@ -49,11 +51,23 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
-# Mark a task ready and count the completion in one step: "ready" and the count never disagree.
-_FINISH = """
+# Update a task record only while it exists and holds the expected values (its run id, above all:
+# a run that was superseded, or whose task was deleted and posted again, writes nothing), count
+# an attempt or a completion in the same step, and keep the pending index in line with the status.
+# KEYS: record, pending index. ARGV: id, time, n, n (field, expected JSON) pairs, the field to
+# increment ('' for none), then the field/value pairs to set.
+_SET_IF = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-redis.call('HINCRBY', KEYS[1], 'completions', 1)
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  if (redis.call('HGET', KEYS[1], ARGV[2 + 2 * i]) or 'null') ~= ARGV[3 + 2 * i] then return 0 end
+end
+local k = 4 + 2 * n
+if ARGV[k] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[k], 1) end
+if #ARGV > k then redis.call('HSET', KEYS[1], unpack(ARGV, k + 1)) end
+local s = redis.call('HGET', KEYS[1], 'status')
+if s == '"queued"' or s == '"adapting"' then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+else redis.call('ZREM', KEYS[2], ARGV[1]) end
 return 1
 """
 
@@ -90,7 +104,7 @@ class Store:
         self.r = r
         self._create = r.register_script(_CREATE)
         self._update = r.register_script(_UPDATE)
-        self._finish = r.register_script(_FINISH)
+        self._set_if = r.register_script(_SET_IF)
 
     @classmethod
     def from_url(cls, url: str) -> Store:
@@ -101,7 +115,7 @@ class Store:
     def create_task(self, task_id: str, tenant: str, fields: dict[str, Any]) -> bool:
         created = now()
         return bool(self._create(
-            keys=[TASK + task_id, TENANT + tenant],
+            keys=[TASK + task_id, TENANT + tenant, PENDING],
             args=[created, task_id, *_flat({"id": task_id, "tenant": tenant, "created_at": created, **fields})],
         ))
 
@@ -118,19 +132,41 @@ class Store:
     def task(self, task_id: str) -> dict[str, Any] | None:
         return self._get(TASK + task_id)
 
-    def update_task(self, task_id: str, **fields: Any) -> bool:
-        return self._set(TASK + task_id, fields)
+    @retrying
+    def set_task_if(self, task_id: str, expect: dict[str, Any], fields: dict[str, Any], incr: str | None = None) -> bool:
+        """Set fields (and add 1 to the counter incr) only while the record exists and its fields
+        equal expect (a missing field equals None); True when it did."""
+        cond = [x for f, v in _strs(expect).items() for x in (f, v)]
+        return bool(self._set_if(keys=[TASK + task_id, PENDING],
+                                 args=[task_id, now(), len(expect), *cond, incr or "", *_flat(fields)]))
+
+    def update_task(self, task_id: str, run: str | None = None, **fields: Any) -> bool:
+        """Set fields while the record exists and, given a run id, while that run is still the task's."""
+        return self.set_task_if(task_id, {} if run is None else {"run": run}, fields)
+
+    def finish_task(self, task_id: str, run: str | None, **fields: Any) -> bool:
+        """status=ready plus fields, and completions + 1, only while the run is the task's."""
+        return self.set_task_if(task_id, {"run": run}, {"status": "ready", **fields}, incr="completions")
+
+    def claim_task(self, task_id: str, run: str | None, worker: str, previous: str | None, **fields: Any) -> bool:
+        """The worker process takes the run (status adapting, attempts + 1) unless the task moved on
+        to another run or another process claimed it since the caller read `previous`."""
+        return self.set_task_if(task_id, {"run": run, "worker": previous},
+                                {"status": "adapting", "worker": worker, **fields}, incr="attempts")
+
+    def requeue_task(self, task_id: str, expect: dict[str, Any], run: str) -> bool:
+        """Give the task a new run, queued and not yet enqueued, if its fields still equal expect:
+        whatever the old run writes from then on is ignored."""
+        return self.set_task_if(task_id, expect, {"status": "queued", "run": run, "worker": None, "enqueued": False,
+                                                  "queued_at": now(), "error": None, "step": 0})
 
     @retrying
-    def finish_task(self, task_id: str, **fields: Any) -> bool:
-        """status=ready plus fields, and completions + 1, only while the record exists."""
-        return bool(self._finish(keys=[TASK + task_id], args=_flat({"status": "ready", **fields})))
+    def pending_tasks(self) -> list[str]:
+        return self.r.zrange(PENDING, 0, -1)
 
     @retrying
-    def incr_task(self, task_id: str, field: str) -> int:
-        if not self.r.exists(TASK + task_id):
-            return 0
-        return int(self.r.hincrby(TASK + task_id, field, 1))
+    def forget_pending(self, task_id: str) -> None:
+        self.r.zrem(PENDING, task_id)
 
     @retrying
     def list_tasks(self, tenant: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
@@ -143,7 +179,7 @@ class Store:
 
     @retrying
     def delete_task(self, task_id: str, tenant: str) -> None:
-        self.r.pipeline().delete(TASK + task_id).zrem(TENANT + tenant, task_id).execute()
+        self.r.pipeline().delete(TASK + task_id).zrem(TENANT + tenant, task_id).zrem(PENDING, task_id).execute()
 
     # --- meta-training jobs
     @retrying
@@ -175,6 +211,18 @@ class Store:
     @retrying
     def gone(self, process: str) -> None:
         self.r.hdel(WORKERS, process)
+
+    @retrying
+    def worker(self, process: str, max_age_s: float) -> dict[str, Any] | None:
+        """The process's last heartbeat (model, and the task and run it is on), None when it is older than max_age_s."""
+        raw = self.r.hget(WORKERS, process)
+        info = json.loads(raw) if raw else None
+        return info if info is not None and now() - info["at"] <= max_age_s else None
+
+    def runs(self, process: str | None, run: str | None, max_age_s: float) -> bool:
+        """Whether the process is alive and on this run."""
+        info = self.worker(process, max_age_s) if process and run else None
+        return info is not None and info.get("run") == run
 
     @retrying
     def live_workers(self, max_age_s: float) -> dict[str, dict[str, Any]]:

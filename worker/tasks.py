@@ -15,10 +15,13 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from typing import Any
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from model.prompts import PromptTooLong
 from model.settings import get_settings
@@ -26,36 +29,69 @@ from model.task import Query
 from worker.celery_app import app
 from worker.checkpoints import CheckpointError
 from worker.runtime import Runtime
-from worker.store import REPLY, Store, now
+from worker.store import REPLY, Store, now, retrying
 
 log = logging.getLogger(__name__)
 S = get_settings()
-HEARTBEAT_S = 10
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError)  # a Redis restarting: wait, or leave the run to the reaper
+# Writes that end an adaptation wait out a Redis restart: the run they save cost minutes.
+patient = retry(retry=retry_if_exception_type(TRANSIENT), stop=stop_after_delay(60),
+                wait=wait_exponential(multiplier=0.2, max=5), reraise=True)
 
 _runtime: Runtime | None = None
 _stop = threading.Event()
+_beat_lock = threading.Lock()
+_on: dict[str, str] = {}  # the task and run this process is adapting, sent with every heartbeat
+ME = ""  # this process in the heartbeats: host:pid
 
 
 def runtime() -> Runtime:
     """The process's model, loaded on first use (the solo pool sends no worker_process_init)."""
-    global _runtime
+    global _runtime, ME
     if _runtime is None:
+        ME = f"{socket.gethostname()}:{os.getpid()}"
         _runtime = Runtime(get_settings())
         threading.Thread(target=_heartbeat, args=(_runtime,), daemon=True).start()
     return _runtime
 
 
+def _model_info(rt: Runtime) -> dict[str, str]:
+    return {"model": rt.lm.name, "sha256": rt.lm.sha256, "device": str(rt.lm.device)}
+
+
+def _beat(rt: Runtime) -> None:
+    # Under the lock: a beat never carries an older run than one written before it.
+    with _beat_lock:
+        rt.store.beat(ME, {**_model_info(rt), **_on})
+
+
 def _heartbeat(rt: Runtime) -> None:
-    """Tell /readyz that a process with the model loaded is alive."""
-    me = f"{socket.gethostname()}:{os.getpid()}"
-    info = {"model": rt.lm.name, "sha256": rt.lm.sha256, "device": str(rt.lm.device)}
+    """Tell /readyz that a process with the model loaded is alive, and the reaper which run it is on."""
     while not _stop.is_set():
         try:
-            rt.store.beat(me, info)
+            _beat(rt)
         except Exception:  # Redis away for a moment: the next beat tries again
             log.warning("heartbeat failed", exc_info=True)
-        _stop.wait(HEARTBEAT_S)
-    rt.store.gone(me)
+        _stop.wait(S.heartbeat_s)
+    rt.store.gone(ME)
+
+
+@contextmanager
+def running(rt: Runtime, task_id: str, run: str | None):
+    """The heartbeat says this run from before the caller claims it until after it has let it go."""
+    global _on
+    with _beat_lock:
+        _on = {"task": task_id, "run": run}
+    _beat(rt)
+    try:
+        yield
+    finally:
+        with _beat_lock:
+            _on = {}
+        try:
+            _beat(rt)
+        except Exception:  # the heartbeat thread says it within heartbeat_s
+            log.warning("heartbeat failed", exc_info=True)
 
 
 @worker_process_init.connect
@@ -70,7 +106,7 @@ def _unload(**_: Any) -> None:
 
 
 class Gone(Exception):
-    """The task record was deleted while the worker was on it."""
+    """The task record was deleted, or its run superseded, while the worker was on it."""
 
 
 def soft_limit(hard: int) -> int:
@@ -80,48 +116,72 @@ def soft_limit(hard: int) -> int:
 
 
 @app.task(name="worker.tasks.adapt", bind=True, time_limit=S.adapt_time_limit_s, soft_time_limit=soft_limit(S.adapt_time_limit_s))
-def adapt(self, task_id: str) -> str:
+def adapt(self, task_id: str, run: str | None = None) -> str:
+    """Adapt the task's current run. `run` is None in messages sent before runs had ids: the record's run."""
     rt = runtime()
     st = rt.store
     rec = st.task(task_id)
     if rec is None:
         return "deleted"
+    run = run or rec.get("run")
+    if rec.get("run") != run:
+        return "superseded"  # the reaper, or a repost after a failure, gave the task a new run
     if rec["status"] == "ready" and rt.load_weights(rec) is not None:
         return "ready"  # a redelivery after the work was done
-    st.update_task(task_id, status="adapting", started_at=now(), step=0, epoch=0.0, n_steps=rec["steps"], error=None)
-    st.incr_task(task_id, "attempts")
+    if rec["status"] == "failed":
+        return "failed"  # a redelivery after the run failed; posting the task again retries it
+    if rec["status"] == "adapting" and rec.get("worker") != ME and st.runs(rec.get("worker"), run, S.worker_dead_after_s):
+        return "running elsewhere"  # a redelivery while the first delivery is still running
 
+    with running(rt, task_id, run):
+        if not st.claim_task(task_id, run, ME, rec.get("worker"), started_at=now(), step=0, epoch=0.0,
+                             n_steps=rec["steps"], error=None):
+            return "superseded"
+        return _adapt(rt, rec, run)
+
+
+def _adapt(rt: Runtime, rec: dict[str, Any], run: str | None) -> str:
+    st, task_id = rt.store, rec["id"]
     per_step = rec.get("epochs", 0.0) / max(rec["steps"], 1)  # epochs are steps x batch / demonstrations
 
     def on_step(i: int, n: int, loss: float) -> None:
-        if not st.update_task(task_id, step=i, n_steps=n, epoch=round(i * per_step, 3), loss=loss):
-            raise Gone(task_id)
+        try:
+            if not st.update_task(task_id, run=run, step=i, n_steps=n, epoch=round(i * per_step, 3), loss=loss):
+                raise Gone(task_id)
+        except TRANSIENT:  # progress is not worth stopping for: the run goes on while Redis restarts
+            log.warning("task %s: progress not recorded (Redis unavailable)", task_id)
+
+    def fail(error: str) -> str:
+        st.update_task(task_id, run=run, status="failed", finished_at=now(), error=error)
+        return "failed"
 
     t0 = time.monotonic()
     try:
         result = rt.run_adaptation(rec, on_step)
-        pointer = rt.store_weights(rec, result)
+        pointer = patient(rt.store_weights)(rec, result)
+        done = patient(st.finish_task)(task_id, run, finished_at=now(), loss_before=result.loss_before,
+                                       loss_after=result.loss_after, **pointer)
     except Gone:
         return "deleted"
+    except TRANSIENT:  # a Redis stayed away: the record still says adapting, the reaper queues it again
+        log.warning("task %s: Redis unavailable; leaving the run to the reaper", task_id, exc_info=True)
+        return "interrupted"
     except SoftTimeLimitExceeded:
-        st.update_task(task_id, status="failed", finished_at=now(), error=f"adaptation took longer than {soft_limit(S.adapt_time_limit_s)} s")
-        return "failed"
+        return fail(f"adaptation took longer than {soft_limit(S.adapt_time_limit_s)} s")
     except (PromptTooLong, CheckpointError, ValueError) as e:
-        st.update_task(task_id, status="failed", finished_at=now(), error=str(e))
-        return "failed"
+        return fail(str(e))
     except Exception as e:  # an unexpected error: the record says what, the log has the traceback
         log.exception("adaptation of %s failed", task_id)
-        st.update_task(task_id, status="failed", finished_at=now(), error=f"{type(e).__name__}: {e}")
-        return "failed"
+        return fail(f"{type(e).__name__}: {e}")
+    if not done:
+        if st.task(task_id) is None:  # deleted while adapting: do not leave its weights behind
+            rt.drop_weights(rec)
+        return "superseded"  # another run owns the record (and the same weights key): leave them
     st.observe_adaptation(time.monotonic() - t0)
-    done = st.finish_task(task_id, finished_at=now(), loss_before=result.loss_before, loss_after=result.loss_after,
-                          **pointer)
-    if not done:  # deleted while adapting: do not leave its weights behind
-        rt.drop_weights(rec)
-        return "deleted"
     return "ready"
 
 
+@retrying
 def _reply(st: Store, key: str, body: dict[str, Any]) -> None:
     st.r.pipeline().rpush(key, json.dumps(body)).expire(key, 120).execute()
 
@@ -142,6 +202,8 @@ def _safely(fn, task_id: str) -> dict[str, Any]:
         return fn()
     except (PromptTooLong, CheckpointError, ValueError) as e:
         return {"status": 422, "error": str(e)}
+    except TRANSIENT as e:  # the cache Redis restarting: the caller retries
+        return {"status": 503, "error": f"the service's Redis is unavailable ({type(e).__name__}); retry"}
     except Exception as e:
         log.exception("request on %s failed", task_id)
         return {"status": 500, "error": f"{type(e).__name__}: {e}"}

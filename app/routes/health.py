@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response, status
 from pydantic import BaseModel
 
-from app.deps import CeleryDep, StoreDep
-from worker.tasks import HEARTBEAT_S
+from app.deps import CeleryDep, SettingsDep, StoreDep
 
 router = APIRouter(tags=["health"])
 
@@ -30,7 +29,7 @@ def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "not ready"}})
-def readyz(request: Request, response: Response, store: StoreDep, celery: CeleryDep) -> Ready:
+def readyz(request: Request, response: Response, s: SettingsDep, store: StoreDep, celery: CeleryDep) -> Ready:
     """Redis reachable, a worker answering a ping, and a worker process with the model loaded."""
     def ok(fn) -> bool:
         try:
@@ -47,7 +46,7 @@ def readyz(request: Request, response: Response, store: StoreDep, celery: Celery
             workers = sorted(name for reply in celery.control.ping(timeout=1.0) for name in reply)
         except Exception:
             workers = []
-        models = sorted(f"{proc}: {info['model']} on {info['device']}" for proc, info in store.live_workers(3 * HEARTBEAT_S).items())
+        models = sorted(f"{proc}: {info['model']} on {info['device']}" for proc, info in store.live_workers(s.worker_dead_after_s).items())
     ready = redis_ok and cache_ok and bool(workers) and bool(models)
     if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE

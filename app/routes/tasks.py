@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
+from app.adaptations import enqueue, new_run, retry_failed, sender
 from app.deps import CeleryDep, SettingsDep, StoreDep, TenantDep
 from app.errors import ERRORS, invalid, invalid_from
 from app.schemas import Adaptation, Progress, TaskCreate, TaskInfo, TaskPage
@@ -20,7 +21,6 @@ from worker import checkpoints
 from worker.store import BASE, content_hash, now, weights_key
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
-ENQUEUE_GRACE_S = 30
 
 
 def info(rec: dict[str, Any], request: Request) -> TaskInfo:
@@ -111,22 +111,24 @@ def create_task(body: TaskCreate, request: Request, response: Response, who: Ten
             "checkpoint": ckpt, "base_model": s.base_model, "prompt_format": s.prompt_format}
     digest = content_hash(who, spec)
     task_id = digest[:32]
+    run = new_run()
     created = store.create_task(task_id, who, {
         **spec, "hash": digest, "status": "ready" if mode == "none" else "queued", "step": 0, "n_steps": steps,
-        "attempts": 0, "completions": 0, "enqueued": mode == "none",
+        "attempts": 0, "completions": 0, "enqueued": mode == "none", "run": run, "queued_at": now(),
     })
     rec = store.task(task_id)
-    # Enqueue a new task, one that failed, or one whose enqueue failed (its creator's request died
-    # between the two writes: after a grace period, so two concurrent creators do not both send).
-    lost = not rec.get("enqueued") and now() - rec["created_at"] > ENQUEUE_GRACE_S
-    if mode != "none" and (created or lost or rec["status"] == "failed"):
-        if not created:
-            store.update_task(task_id, status="queued", error=None, step=0)
+    # A new task is enqueued, and one that failed runs again; one its creator could not enqueue
+    # (the broker was down, or the request died) is the reaper's.
+    if mode != "none" and (created or rec["status"] == "failed"):
+        send = sender(celery)
         try:
-            celery.send_task("worker.tasks.adapt", args=[task_id], ignore_result=True)
-        except OperationalError as e:  # the broker is down: the record stays, a retry enqueues it
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the task queue is unavailable ({e}); retry") from e
-        store.update_task(task_id, enqueued=True)
+            if created:
+                enqueue(store, send, task_id, run)
+            else:
+                retry_failed(store, send, rec)
+        except OperationalError as e:  # the broker is down: the record stays, the reaper enqueues it
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the task queue is unavailable; it is enqueued "
+                                "once the queue is back", headers={"Retry-After": "5"}) from e
         rec = store.task(task_id)
     if not created:
         response.status_code = status.HTTP_200_OK

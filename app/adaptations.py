@@ -1,0 +1,99 @@
+"""Queueing adaptations: enqueue a task's run, queue a failed task again, and the reaper that
+queues again a run whose worker is gone.
+
+Every adaptation run has an id, kept in the task record and carried by its Celery message; the
+worker drops a message whose run is no longer the record's, and a superseded run writes nothing
+(worker/store.py `set_task_if`). So a run can be replaced at any time without two runs finishing
+one task. Plain functions over the record store and `send(task_id, run)`, which puts the message
+on the broker: no FastAPI here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import anyio.to_thread
+from celery import Celery
+
+from worker.store import Store, now
+
+log = logging.getLogger(__name__)
+ADAPT = "worker.tasks.adapt"
+Send = Callable[[str, str], None]
+
+
+def new_run() -> str:
+    return uuid.uuid4().hex
+
+
+def sender(celery: Celery) -> Send:
+    def send(task_id: str, run: str) -> None:
+        celery.send_task(ADAPT, args=[task_id, run], ignore_result=True)
+
+    return send
+
+
+def enqueue(store: Store, send: Send, task_id: str, run: str) -> None:
+    """Send the run's message, then mark the record enqueued (while the run is still its own).
+    A crash between the two leaves it not enqueued: the reaper sends it after the grace period."""
+    send(task_id, run)
+    store.update_task(task_id, run=run, enqueued=True)
+
+
+def retry_failed(store: Store, send: Send, rec: dict[str, Any]) -> bool:
+    """A failed task, posted again, runs again under a new run id; False when it is no longer failed."""
+    run = new_run()
+    if not store.requeue_task(rec["id"], {"status": "failed", "run": rec.get("run")}, run):
+        return False
+    enqueue(store, send, rec["id"], run)
+    return True
+
+
+def reap(store: Store, send: Send, *, dead_after_s: float, enqueue_grace_s: float) -> list[str]:
+    """One pass over the queued and adapting tasks; returns the ids it queued.
+
+    An adapting task whose worker process is not beating on its run (the process died, or it
+    dropped the run when a Redis went away) gets a new run. A queued task its creator never
+    enqueued (the broker was down, or the API died in between) is enqueued. Only the task's own
+    worker's heartbeat counts, so with several workers a busy one is never mistaken for a dead
+    one; every change is a compare-and-set on the run id, so several reapers may run at once.
+    """
+    queued = []
+    for task_id in store.pending_tasks():
+        rec = store.task(task_id)
+        if rec is None:
+            store.forget_pending(task_id)
+            continue
+        run = rec.get("run")
+        if rec["status"] == "adapting":
+            # The record is read before the heartbeat, and a worker beats its run before it claims
+            # it and stops only after it has finished: a live run is never taken for a dead one.
+            if store.runs(rec.get("worker"), run, dead_after_s):
+                continue
+            fresh = new_run()
+            if store.requeue_task(task_id, {"status": "adapting", "run": run}, fresh):
+                enqueue(store, send, task_id, fresh)
+                queued.append(task_id)
+        elif rec["status"] == "queued" and not rec.get("enqueued"):
+            if now() - rec.get("queued_at", rec["created_at"]) > enqueue_grace_s:
+                enqueue(store, send, task_id, run)
+                queued.append(task_id)
+    return queued
+
+
+async def reap_forever(store: Store, send: Send, *, every_s: float, dead_after_s: float, enqueue_grace_s: float) -> None:
+    """The API's reaper: a pass every every_s seconds, off the event loop; a Redis away only skips passes."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            queued = await anyio.to_thread.run_sync(
+                lambda: reap(store, send, dead_after_s=dead_after_s, enqueue_grace_s=enqueue_grace_s))
+        except Exception as e:  # Redis or the broker restarting: the next pass tries again
+            log.warning("reaper pass failed: %s: %s", type(e).__name__, e)
+            continue
+        if queued:
+            log.warning("reaper: queued again %s (their worker is gone)", ", ".join(queued))
