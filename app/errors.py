@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
+from fastapi import Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from app.bodies import BadJSON
 from app.schemas import Error
+
+ECHO_CHARS = 1000  # a 422 shows this much of the offending input: enough to find it, never the whole body back
 
 def _error(description: str) -> dict:
     return {"model": Error, "description": description}
@@ -38,3 +48,37 @@ def invalid_from(e: ValidationError, prefix: tuple) -> RequestValidationError:
     return RequestValidationError(
         [{"loc": prefix + tuple(err["loc"]), "msg": err["msg"], "type": err["type"]} for err in e.errors(include_url=False)]
     )
+
+
+def _finite(x: Any) -> Any:
+    """JSON-safe: a non-finite float becomes its name (the response encoder refuses NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def echo(x: Any) -> Any:
+    """The input as a 422 shows it: itself when short, else its first ECHO_CHARS characters and its length."""
+    if isinstance(x, (bytes, bytearray)):
+        x = bytes(x).decode("utf-8", errors="replace")
+    x = _finite(jsonable_encoder(x, custom_encoder={BadJSON: repr}))
+    text = x if isinstance(x, str) else json.dumps(x)
+    if len(text) <= ECHO_CHARS:
+        return x
+    return f"{text[:ECHO_CHARS]}... ({len(text)} characters in all)"
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 shape, with inputs cut to ECHO_CHARS; a body that is not JSON says why once."""
+    errors = exc.errors()
+    bad = next((e["input"] for e in errors if isinstance(e.get("input"), BadJSON)), None)
+    if bad is not None:
+        detail = [{"type": "json_invalid", "loc": ["body"], "msg": f"the body is not valid JSON: {bad.reason}"}]
+    else:
+        detail = [{**_finite(jsonable_encoder({k: v for k, v in e.items() if k != "input"})),
+                   **({"input": echo(e["input"])} if "input" in e else {})} for e in errors]
+    return JSONResponse({"detail": detail}, status_code=422)

@@ -10,11 +10,13 @@ import anyio.to_thread
 import kombu.exceptions
 import redis
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from app import metrics
 from app.adaptations import reap_forever, sender
 from app.batcher import Batcher
+from app.errors import invalid_request
 from app.limits import BodyLimit
 from app.routes import admin, health, predict, tasks
 from app.worker_calls import call_worker
@@ -95,6 +97,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
     async def unavailable(request, exc):  # after tenacity's retries: say so instead of a bare 500
         return JSONResponse({"detail": f"the service's Redis is unavailable ({type(exc).__name__}); retry"}, status_code=503)
 
+    app.add_exception_handler(RequestValidationError, invalid_request)
     metrics.setup(app, app.state.store)
     app.add_middleware(BodyLimit, max_bytes=s.max_request_bytes)
     return app

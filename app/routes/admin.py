@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
+from app.bodies import StrictJSONRoute
 from app.deps import CeleryDep, SettingsDep, StoreDep, admin
 from app.errors import ADMIN_ERRORS, invalid, invalid_from
 from app.schemas import Checkpoint, Checkpoints, JobInfo, MetaTrainRequest
@@ -19,7 +20,8 @@ from worker.tasks import job_config
 # The service decides where checkpoints go, which model and device train, and how jobs are tagged.
 SERVICE_OWNED = {"data_dir", "device", "base_model", "tag", "method", "space", "setting"}
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin)], responses=ADMIN_ERRORS)
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin)], responses=ADMIN_ERRORS,
+                   route_class=StrictJSONRoute)
 
 
 def job_info(rec: dict[str, Any], request: Request) -> JobInfo:

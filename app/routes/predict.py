@@ -7,13 +7,14 @@ import time
 from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import ValidationError
 
+from app.bodies import StrictJSONRoute
 from app.deps import SettingsDep, StoreDep, TenantDep
 from app.errors import ERRORS, invalid, invalid_from
 from app.routes.tasks import owned
 from app.schemas import OptionScore, PredictionOut, PredictRequest, PredictResponse
 from model.task import Limits, Query
 
-router = APIRouter(tags=["predict"])
+router = APIRouter(tags=["predict"], route_class=StrictJSONRoute)
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS)

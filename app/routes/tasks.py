@@ -11,6 +11,7 @@ from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
 from app.adaptations import enqueue, new_run, retry_failed, sender
+from app.bodies import StrictJSONRoute
 from app.deps import CeleryDep, SettingsDep, StoreDep, TenantDep
 from app.errors import ERRORS, invalid, invalid_from
 from app.schemas import Adaptation, Progress, TaskCreate, TaskInfo, TaskPage
@@ -20,7 +21,7 @@ from model.task import Limits, validate_task
 from worker import checkpoints
 from worker.store import BASE, content_hash, now, weights_key
 
-router = APIRouter(prefix="/tasks", tags=["tasks"])
+router = APIRouter(prefix="/tasks", tags=["tasks"], route_class=StrictJSONRoute)
 
 
 def info(rec: dict[str, Any], request: Request) -> TaskInfo:
