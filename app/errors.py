@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app.bodies import BadJSON
+from app.quotas import OverQuota
 from app.schemas import Error
 
 ECHO_CHARS = 1000  # a 422 shows this much of the offending input: enough to find it, never the whole body back
@@ -27,6 +28,7 @@ ERRORS = {
     404: _error("no such task (or another tenant's)"),
     409: _error("the task is not ready"),
     413: _SIZE,
+    429: _error("over a per-tenant quota; retry after Retry-After seconds"),
     503: _error("the queue is down or no worker answered in time"),
 }
 ADMIN_ERRORS = {
@@ -82,3 +84,7 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
         detail = [{**_finite(jsonable_encoder({k: v for k, v in e.items() if k != "input"})),
                    **({"input": echo(e["input"])} if "input" in e else {})} for e in errors]
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def over_quota(request: Request, exc: OverQuota) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=429, headers={"Retry-After": str(exc.retry_after_s)})

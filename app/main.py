@@ -6,9 +6,9 @@ import asyncio
 import threading
 from contextlib import asynccontextmanager
 
-import anyio.to_thread
 import kombu.exceptions
 import redis
+import redis.asyncio
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -16,7 +16,9 @@ from fastapi.responses import JSONResponse
 from app import metrics
 from app.adaptations import reap_forever, sender
 from app.batcher import Batcher
-from app.errors import invalid_request
+from app.errors import invalid_request, over_quota
+from app.quotas import OverQuota, Quotas
+from app.watcher import StatusWatcher
 from app.limits import BodyLimit
 from app.routes import admin, health, predict, tasks
 from app.worker_calls import call_worker
@@ -62,14 +64,13 @@ def create_app(s: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # /predict blocks a thread while the worker answers: allow many at once.
-        anyio.to_thread.current_default_thread_limiter().total_tokens = 256
         app.state.count_tokens("warm up")  # load the tokenizer before the first request
         reaper = asyncio.create_task(reap_forever(
             app.state.store, sender(app.state.celery), every_s=s.reap_every_s,
             dead_after_s=s.worker_dead_after_s, enqueue_grace_s=s.enqueue_grace_s))
         yield
         reaper.cancel()
+        await app.state.replies.aclose()
         app.state.store.r.close()
         app.state.cache.close()
 
@@ -85,8 +86,14 @@ def create_app(s: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(s)
     app.state.count_tokens = TokenCounter(s)
 
-    def send(task_id: str, groups: list) -> list:
-        return call_worker(app.state.celery, app.state.store, s, "worker.tasks.predict", [task_id, groups])["groups"]
+    app.state.replies = redis.asyncio.Redis.from_url(s.redis_url, decode_responses=True)
+    app.state.watcher = StatusWatcher(app.state.store)
+    app.state.quotas = Quotas(app.state.store.r)
+
+    async def send(task_id: str, groups: list) -> list:
+        reply = await call_worker(app.state.celery, app.state.replies, s.predict_timeout_s, "worker.tasks.predict",
+                                  [task_id, groups])
+        return reply["groups"]
 
     app.state.batcher = Batcher(send, s.predict_linger_ms / 1000, s.max_predict_inputs)
     for module in (tasks, predict, admin, health):
@@ -98,6 +105,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": f"the service's Redis is unavailable ({type(exc).__name__}); retry"}, status_code=503)
 
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(OverQuota, over_quota)
     metrics.setup(app, app.state.store)
     app.add_middleware(BodyLimit, max_bytes=s.max_request_bytes)
     return app

@@ -1,7 +1,8 @@
 """Request/reply with the worker: send a Celery task, wait for its answer on a Redis list.
 
 BLPOP on a per-call key keeps each answer with its caller; Celery's result backend would
-share one pub/sub connection between the API's threads.
+share one pub/sub connection between callers. The wait is asyncio's (redis.asyncio): a call
+waiting for the worker holds no thread, so waiting callers cannot use up the API's threads.
 """
 
 from __future__ import annotations
@@ -11,26 +12,35 @@ import time
 import uuid
 from typing import Any
 
+import anyio.to_thread
+import redis.asyncio
 from celery import Celery
 from fastapi import HTTPException, status
 
-from model.settings import Settings
-from worker.store import REPLY, Store
+from worker.store import REPLY
 
 
-def call_worker(celery: Celery, store: Store, s: Settings, name: str, args: list[Any]) -> dict[str, Any]:
+def worker_error(body: dict[str, Any]) -> HTTPException:
+    """The worker's error reply as the API's answer; a 503 (a Redis restarting) says when to retry."""
+    headers = {"Retry-After": "2"} if body["status"] == 503 else None
+    return HTTPException(body["status"], body["error"], headers=headers)
+
+
+async def call_worker(celery: Celery, replies: redis.asyncio.Redis, timeout_s: float, name: str,
+                      args: list[Any]) -> dict[str, Any]:
     reply = uuid.uuid4().hex
-    timeout = s.predict_timeout_s
     # expires: a call nobody waits for any more is dropped by the worker, not run late.
-    celery.send_task(name, args=[*args, reply], ignore_result=True, expires=timeout)
-    deadline = time.monotonic() + timeout
+    await anyio.to_thread.run_sync(
+        lambda: celery.send_task(name, args=[*args, reply], ignore_result=True, expires=timeout_s))
+    deadline = time.monotonic() + timeout_s
     got = None
     while got is None and (left := deadline - time.monotonic()) > 0:
-        # short waits: redis-py's socket timeout (5 s by default) must outlast each BLPOP
-        got = store.r.blpop([REPLY + reply], timeout=min(2.0, max(left, 0.01)))
+        # short waits: a Redis restart surfaces within seconds rather than at the deadline
+        got = await replies.blpop([REPLY + reply], timeout=min(2.0, max(left, 0.01)))
     if got is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"no worker answered within {timeout:g} s")
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"no worker answered within {timeout_s:g} s",
+                            headers={"Retry-After": "5"})
     body = json.loads(got[1])
     if "status" in body:
-        raise HTTPException(body["status"], body["error"])
+        raise worker_error(body)
     return body

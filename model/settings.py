@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = 1_000_000
     max_predict_inputs: int = 64
     predict_wait_max_s: float = 60.0
+    # per-tenant quotas (app/quotas.py): beyond them a 429 with Retry-After
+    max_waiting_predicts: int = Field(32, ge=1, description="per tenant: /predict calls in flight at once (waiting "
+                                      "for their task to be ready or for the worker)")
     adapt_time_limit_s: int = 1800
     meta_train_time_limit_s: int = 6 * 3600
     visibility_timeout_s: int = 0  # broker redelivery of unacked tasks; 0: the longest hard time limit + 10 min

@@ -24,6 +24,7 @@ ACTIVE = "ms:checkpoint:active"  # the checkpoint new tasks start from by defaul
 METRICS = "ms:metrics"  # counters the worker adds to and /metrics reads
 REPLY = "ms:reply:"  # + uuid -> list the worker pushes a prediction reply onto
 WORKERS = "ms:workers"  # hash: process -> its model, the run it is on and its last heartbeat
+SLOTS = "ms:slots:"  # + kind:tenant -> zset of leases (request id -> expiry): app/quotas.py
 PENDING = "ms:pending"  # zset: ids of queued or adapting tasks (what the reaper looks at), by last change
 
 BASE = "base"  # the checkpoint id of the base model (no meta-training)
@@ -159,6 +160,14 @@ class Store:
         whatever the old run writes from then on is ignored."""
         return self.set_task_if(task_id, expect, {"status": "queued", "run": run, "worker": None, "enqueued": False,
                                                   "queued_at": now(), "error": None, "step": 0})
+
+    @retrying
+    def statuses(self, task_ids: list[str]) -> list[str | None]:
+        """Each task's status (None when it is gone), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for i in task_ids:
+            pipe.hget(TASK + i, "status")
+        return [None if v is None else json.loads(v) for v in pipe.execute()]
 
     @retrying
     def pending_tasks(self) -> list[str]:

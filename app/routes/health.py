@@ -24,8 +24,8 @@ class Ready(BaseModel):
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
-    """The process is up."""
+async def healthz() -> Health:
+    """The process is up. Async: it answers on the event loop even when every thread is busy."""
     return Health(status="ok")
 
 
@@ -47,7 +47,8 @@ def readyz(request: Request, response: Response, s: SettingsDep, store: StoreDep
             workers = sorted(name for reply in celery.control.ping(timeout=1.0) for name in reply)
         except Exception:
             workers = []
-        models = sorted(f"{proc}: {info['model']} on {info['device']}" for proc, info in store.live_workers(s.worker_dead_after_s).items())
+        live = store.live_workers(s.worker_dead_after_s)
+        models = sorted(f"{proc}: {info['model']} on {info['device']}" for proc, info in live.items())
     ready = redis_ok and cache_ok and bool(workers) and bool(models)
     if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE

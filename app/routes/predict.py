@@ -1,9 +1,14 @@
-"""Predictions: in context, with the task's adapted weights, run by the worker that holds the model."""
+"""Predictions: in context, with the task's adapted weights, run by the worker that holds the model.
+
+The route is async: a call waiting for its task to be ready or for the worker holds no thread,
+and each tenant has at most max_waiting_predicts calls in flight (429 beyond).
+"""
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
+import anyio.to_thread
 from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import ValidationError
 
@@ -12,40 +17,55 @@ from app.deps import SettingsDep, StoreDep, TenantDep
 from app.errors import ERRORS, invalid, invalid_from
 from app.routes.tasks import owned
 from app.schemas import OptionScore, PredictionOut, PredictRequest, PredictResponse
+from app.watcher import UNDERWAY
+from model.settings import Settings
 from model.task import Limits, Query
 
 router = APIRouter(tags=["predict"], route_class=StrictJSONRoute)
 
 
-@router.post("/predict", response_model=PredictResponse, responses=ERRORS)
-def predict(body: PredictRequest, request: Request, who: TenantDep, s: SettingsDep, store: StoreDep) -> PredictResponse:
-    """Answer each input: the best option with every option's score, or generated text.
-
-    409 while the task is not ready; `wait_s` waits up to that long (bounded by the settings).
-    """
+def parse_queries(body: PredictRequest, s: Settings, count_tokens) -> list[Query]:
+    """The inputs, validated against the settings' limits (tokens counted): 422 names the field and the limit."""
     if len(body.inputs) > s.max_predict_inputs:
         raise invalid(("body", "inputs"), f"{len(body.inputs)} inputs; the limit is {s.max_predict_inputs}", "too_many_inputs")
     if body.wait_s > s.predict_wait_max_s:
         raise invalid(("body", "wait_s"), f"wait_s is {body.wait_s:g}; the limit is {s.predict_wait_max_s:g}", "wait_too_long")
     limits = Limits(s.max_demonstrations, s.max_options, s.max_text_tokens, s.max_text_chars)
-    ctx = {"limits": limits, "count_tokens": request.app.state.count_tokens}
+    ctx = {"limits": limits, "count_tokens": count_tokens}
     queries = []
     for i, q in enumerate(body.inputs):
         try:
             queries.append(Query.model_validate(q.model_dump(exclude_none=True), context=ctx))
         except ValidationError as e:
             raise invalid_from(e, ("body", "inputs", i)) from e
-    rec = owned(store, body.task_id, who)
-    deadline = time.monotonic() + body.wait_s
-    while rec["status"] in ("queued", "adapting") and time.monotonic() < deadline:
-        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-        rec = owned(store, body.task_id, who)
+    return queries
+
+
+def check_ready(task_id: str, rec: dict[str, Any]) -> None:
     if rec["status"] == "failed":
-        raise HTTPException(status.HTTP_409_CONFLICT, f"task {body.task_id} failed: {rec.get('error')}")
+        raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id} failed: {rec.get('error')}")
     if rec["status"] != "ready":
         step = f" (step {rec.get('step', 0)} of {rec.get('n_steps', 0)})" if rec["status"] == "adapting" else ""
-        raise HTTPException(status.HTTP_409_CONFLICT, f"task {body.task_id} is {rec['status']}{step}, not ready")
-    reply = request.app.state.batcher(body.task_id, [q.model_dump(exclude_none=True) for q in queries])
+        raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id} is {rec['status']}{step}, not ready")
+
+
+@router.post("/predict", response_model=PredictResponse, responses=ERRORS)
+async def predict(body: PredictRequest, request: Request, who: TenantDep, s: SettingsDep, store: StoreDep) -> PredictResponse:
+    """Answer each input: the best option with every option's score, or generated text.
+
+    409 while the task is not ready; `wait_s` waits up to that long (bounded by the settings).
+    429 (with Retry-After) while this tenant already has max_waiting_predicts calls in flight.
+    """
+    state = request.app.state
+    queries = await anyio.to_thread.run_sync(parse_queries, body, s, state.count_tokens)
+    rec = await anyio.to_thread.run_sync(owned, store, body.task_id, who)
+    lease_s = body.wait_s + s.predict_timeout_s + 60
+    async with state.quotas.slot(who, "predict", s.max_waiting_predicts, lease_s, "/predict calls"):
+        if rec["status"] in UNDERWAY and body.wait_s > 0:
+            await state.watcher.wait(body.task_id, body.wait_s)
+            rec = await anyio.to_thread.run_sync(owned, store, body.task_id, who)
+        check_ready(body.task_id, rec)
+        reply = await state.batcher(body.task_id, [q.model_dump(exclude_none=True) for q in queries])
     preds = [
         PredictionOut(input=q.input, output=p["output"],
                       scores=None if p["scores"] is None else [OptionScore(option=o, score=v) for o, v in p["scores"].items()])

@@ -6,6 +6,7 @@ import base64
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
@@ -166,16 +167,17 @@ def delete_task(task_id: str, request: Request, who: TenantDep, store: StoreDep)
     "/{task_id}/adapter", response_class=Response, responses={
         200: {"content": {"application/zip": {}}, "description": "a PEFT adapter folder, zipped"}, **ERRORS},
 )
-def get_adapter(task_id: str, request: Request, who: TenantDep, s: SettingsDep, store: StoreDep, celery: CeleryDep) -> Response:
+async def get_adapter(task_id: str, request: Request, who: TenantDep, s: SettingsDep, store: StoreDep,
+                      celery: CeleryDep) -> Response:
     """The task's adapted LoRA as a zip that `PeftModel.from_pretrained` loads once unzipped."""
-    rec = owned(store, task_id, who)
+    rec = await anyio.to_thread.run_sync(owned, store, task_id, who)
     if rec["mode"] == "full":
         raise HTTPException(status.HTTP_409_CONFLICT, "this task was adapted in full mode: it has no LoRA adapter")
     if rec["mode"] == "none" and rec["checkpoint"] == BASE:
         raise HTTPException(status.HTTP_409_CONFLICT, "this task runs in context on the base model: it has no adapter")
     if rec["status"] != "ready":
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id} is {rec['status']}, not ready")
-    reply = call_worker(celery, store, s, "worker.tasks.adapter", [task_id])
+    reply = await call_worker(celery, request.app.state.replies, s.predict_timeout_s, "worker.tasks.adapter", [task_id])
     data = base64.b64decode(reply["zip_b64"])
     return Response(data, media_type="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{task_id}-adapter.zip"'})

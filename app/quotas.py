@@ -1,0 +1,64 @@
+"""Per-tenant quotas: what one tenant may hold at once, so that one tenant's flood never stalls
+another's requests. Beyond a quota: `OverQuota`, a 429 with Retry-After (app/errors.py).
+
+Slots are leases in the records Redis, one sorted set per kind and tenant (request id -> expiry):
+every API process counts against the same quota, a request gives its slot back on the way out,
+and the slot of a process that died expires with its lease.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.to_thread
+import redis
+
+from worker.store import SLOTS, now, retrying
+
+# Drop expired leases, then take one if fewer than the limit are held. KEYS: the set.
+# ARGV: now, limit, the lease's expiry, its id, the set's own TTL.
+_TAKE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+class OverQuota(Exception):
+    def __init__(self, detail: str, retry_after_s: int = 1):
+        super().__init__(detail)
+        self.detail, self.retry_after_s = detail, retry_after_s
+
+
+class Quotas:
+    def __init__(self, r: redis.Redis):
+        self.r = r
+        self._take = r.register_script(_TAKE)
+
+    @retrying
+    def take(self, tenant: str, kind: str, limit: int, lease_s: float) -> str | None:
+        """A lease on one of the tenant's `limit` slots of this kind, or None when all are held."""
+        lease, t = uuid.uuid4().hex, now()
+        ok = self._take(keys=[f"{SLOTS}{kind}:{tenant}"], args=[t, limit, t + lease_s, lease, int(lease_s) + 60])
+        return lease if ok else None
+
+    @retrying
+    def give_back(self, tenant: str, kind: str, lease: str) -> None:
+        self.r.zrem(f"{SLOTS}{kind}:{tenant}", lease)
+
+    @asynccontextmanager
+    async def slot(self, tenant: str, kind: str, limit: int, lease_s: float, what: str) -> AsyncIterator[None]:
+        """Hold one of the tenant's slots for the block; OverQuota when all `limit` are held."""
+        lease = await anyio.to_thread.run_sync(self.take, tenant, kind, limit, lease_s)
+        if lease is None:
+            raise OverQuota(f"{limit} {what} of this tenant are in flight; the limit is {limit}: retry when one is done")
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.give_back, tenant, kind, lease)
