@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # jobs) spinning threads slowed a SmolLM2 prediction from 0.5 s to 11 s on 2 cores.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-"$PY" -m worker.prepare
+[ "${MAMLSERVE_PREPARE:-1}" = 0 ] || "$PY" -m worker.prepare
 # Skip with MAMLSERVE_RECOVER=0 when another worker shares the broker (its running tasks look the same).
 [ "${MAMLSERVE_RECOVER:-1}" = 0 ] || "$PY" -m worker.recover
 exec "$PY" -m celery -A worker.celery_app worker -P prefork -c 1 -Q "${MAMLSERVE_QUEUES:-predict,adapt,meta}" \
