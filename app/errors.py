@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from fastapi import Request
@@ -16,6 +17,9 @@ from app.bodies import BadJSON
 from app.quotas import OverQuota
 from app.schemas import Error
 
+# A filesystem path of two or more parts: the server's folders (checkpoints, bank, data dir) are
+# nobody else's business, and naming them helps only an attacker.
+_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s/'\"`:,;()<>]+/)+[^\s/'\"`:,;()<>]*")
 ECHO_CHARS = 1000  # a 422 shows this much of the offending input: enough to find it, never the whole body back
 
 def _error(description: str) -> dict:
@@ -41,6 +45,25 @@ ADMIN_ERRORS = {
 }
 
 
+def public(message: str | None) -> str | None:
+    """A message fit for a client: every server path in it replaced by a placeholder."""
+    return message if message is None else _PATH.sub("<server path>", message)
+
+
+def _leaves(x: Any, fn) -> Any:
+    """fn applied to every value inside a JSON-like value (dicts and lists kept)."""
+    if isinstance(x, dict):
+        return {k: _leaves(v, fn) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_leaves(v, fn) for v in x]
+    return fn(x)
+
+
+def public_values(x: Any) -> Any:
+    """public() applied to every string in a JSON-like value (a checkpoint's meta names its data dir)."""
+    return _leaves(x, lambda v: public(v) if isinstance(v, str) else v)
+
+
 def invalid(loc: tuple, msg: str, kind: str) -> RequestValidationError:
     """A 422 in FastAPI's own shape, for checks the body model cannot make (limits from settings)."""
     return RequestValidationError([{"loc": loc, "msg": msg, "type": kind}])
@@ -54,13 +77,7 @@ def invalid_from(e: ValidationError, prefix: tuple) -> RequestValidationError:
 
 def _finite(x: Any) -> Any:
     """JSON-safe: a non-finite float becomes its name (the response encoder refuses NaN)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
+    return _leaves(x, lambda v: str(v) if isinstance(v, float) and not math.isfinite(v) else v)
 
 
 def echo(x: Any) -> Any:

@@ -17,13 +17,14 @@ import redis.asyncio
 from celery import Celery
 from fastapi import HTTPException, status
 
+from app.errors import public
 from worker.store import REPLY
 
 
 def worker_error(body: dict[str, Any]) -> HTTPException:
     """The worker's error reply as the API's answer; a 503 (a Redis restarting) says when to retry."""
     headers = {"Retry-After": "2"} if body["status"] == 503 else None
-    return HTTPException(body["status"], body["error"], headers=headers)
+    return HTTPException(body["status"], public(body["error"]), headers=headers)
 
 
 async def call_worker(celery: Celery, replies: redis.asyncio.Redis, timeout_s: float, name: str,

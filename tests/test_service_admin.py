@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ADMIN_KEY, auth, sentiment, wait_for, wait_status
+import json
+import shutil
+
+from conftest import ADMIN_KEY, TMP, auth, sentiment, wait_for, wait_status
 
 pytestmark = pytest.mark.usefixtures("worker")
 ADMIN = auth(ADMIN_KEY)
@@ -87,3 +90,38 @@ def test_cancel_queued_job(client, records):
     assert result.get(timeout=60) == "done"
     job = client.get("/admin/jobs/queued-job", headers=ADMIN).json()
     assert job["state"] == "cancelled" and job["started_at"] is None and job["checkpoint"] is None
+
+
+def test_meta_train_without_the_bank_is_409_naming_the_command_and_makes_no_job(client, records):
+    jobs = records.zcard("ms:jobs")
+    r = client.post("/admin/meta-train", json={"setting": "class_to_class"}, headers=ADMIN)
+    assert r.status_code == 409, r.text
+    assert "python -m model.bank build" in r.json()["detail"] and str(TMP) not in r.text
+    assert records.zcard("ms:jobs") == jobs
+    r = client.post("/admin/meta-train", json={"setting": "no_such_setting"}, headers=ADMIN)
+    assert r.status_code == 422 and "no setting 'no_such_setting'; known: synthetic, " in r.text
+    assert records.zcard("ms:jobs") == jobs
+
+
+def test_no_response_names_a_server_path(client):
+    """Not in a 422 naming an unknown checkpoint, a 404 activating one, a task's error from the worker
+    (a damaged checkpoint) or the checkpoint listing (each checkpoint's meta names the data dir)."""
+    r = client.post("/tasks", json={**sentiment(tag="leak"), "checkpoint": "v0042-none"}, headers=auth())
+    assert r.status_code == 422 and "<server path>" in r.text and str(TMP) not in r.text, r.text
+    r = client.post("/admin/checkpoints/v0042-none/activate", headers=ADMIN)
+    assert r.status_code == 404 and str(TMP) not in r.text, r.text
+
+    damaged = TMP / "data" / "checkpoints" / "v0901-damaged"
+    damaged.mkdir(parents=True, exist_ok=True)
+    (damaged / "meta.json").write_text(json.dumps({"id": damaged.name, "data_dir": str(TMP / "data")}))
+    try:
+        task = client.post("/tasks", json={**sentiment(tag="leak-ckpt"), "checkpoint": damaged.name,
+                                           "adaptation": {"steps": 1}}, headers=auth()).json()
+        failed = wait_status(client, task["id"], want="failed")
+        assert failed["error"] and str(TMP) not in failed["error"], failed["error"]
+        r = client.post("/predict", json={"task_id": task["id"], "inputs": ["a"]}, headers=auth())
+        assert r.status_code == 409 and str(TMP) not in r.text
+        listing = client.get("/admin/checkpoints", headers=ADMIN)
+        assert damaged.name in listing.text and str(TMP) not in listing.text
+    finally:
+        shutil.rmtree(damaged)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
@@ -11,8 +12,10 @@ from pydantic import ValidationError
 
 from app.bodies import StrictJSONRoute
 from app.deps import CeleryDep, SettingsDep, StoreDep, admin
-from app.errors import ADMIN_ERRORS, invalid, invalid_from
+from app.errors import ADMIN_ERRORS, invalid, invalid_from, public, public_values
 from app.schemas import Checkpoint, Checkpoints, JobInfo, MetaTrainRequest
+from model.bank.store import Bank, setting_names
+from model.settings import Settings
 from worker import checkpoints
 from worker.store import BASE
 from worker.tasks import job_config
@@ -25,8 +28,8 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin)
 
 
 def job_info(rec: dict[str, Any], request: Request) -> JobInfo:
-    return JobInfo(**{k: v for k, v in rec.items() if k in JobInfo.model_fields},
-                   status_url=str(request.url_for("get_job", job_id=rec["id"])))
+    return JobInfo(**{k: v for k, v in rec.items() if k in JobInfo.model_fields and k != "error"},
+                   error=public(rec.get("error")), status_url=str(request.url_for("get_job", job_id=rec["id"])))
 
 
 def get_job_or_404(store, job_id: str) -> dict[str, Any]:
@@ -36,9 +39,31 @@ def get_job_or_404(store, job_id: str) -> dict[str, Any]:
     return rec
 
 
+def check_bank(s: Settings, setting: str) -> None:
+    """A task-bank setting needs the bank built on this server: checked before a job exists, so a
+    run never fails in the worker for want of it (409 naming the command that builds it)."""
+    if setting == "synthetic":
+        return
+    known = setting_names()
+    if setting not in known:
+        raise invalid(("body", "setting"), f"no setting {setting!r}; known: synthetic, {', '.join(known)}", "unknown_setting")
+    build = "run `python -m model.bank build` on the server (or copy a setting's tasks there with `python -m model.bank export`)"
+    try:
+        bank = Bank(Path(s.data_dir) / "bank")
+    except FileNotFoundError:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"the task bank is not built on this server: {build}") from None
+    st = bank.setting(setting)
+    missing = [n for n in st.meta_train + st.held_out if n not in bank.manifest["tasks"]]
+    if missing:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"the task bank on this server lacks {len(missing)} of the tasks of "
+                            f"setting {setting!r} (such as {missing[0]!r}): {build}")
+
+
 @router.post("/meta-train", status_code=status.HTTP_202_ACCEPTED, response_model=JobInfo)
-def meta_train(body: MetaTrainRequest, request: Request, store: StoreDep, celery: CeleryDep) -> JobInfo:
-    """Start a meta-training run on the `meta` queue; it ends as a checkpoint in the registry."""
+def meta_train(body: MetaTrainRequest, request: Request, s: SettingsDep, store: StoreDep, celery: CeleryDep) -> JobInfo:
+    """Start a meta-training run on the `meta` queue; it ends as a checkpoint in the registry.
+
+    409 when the setting needs the task bank and this server has not built it."""
     job_id = uuid.uuid4().hex
     for key in body.hyperparameters:
         if key in SERVICE_OWNED:
@@ -47,6 +72,7 @@ def meta_train(body: MetaTrainRequest, request: Request, store: StoreDep, celery
         job_config({**body.model_dump(), "id": job_id})
     except ValidationError as e:
         raise invalid_from(e, ("body", "hyperparameters")) from e
+    check_bank(s, body.setting)
     store.create_job(job_id, {**body.model_dump(), "state": "queued", "progress": {}, "metrics": {}, "cancel": False})
     try:
         celery.send_task("worker.tasks.meta_train", args=[job_id], ignore_result=True)
@@ -77,7 +103,7 @@ def cancel_job(job_id: str, request: Request, store: StoreDep) -> JobInfo:
 @router.get("/checkpoints", response_model=Checkpoints)
 def list_checkpoints(s: SettingsDep, store: StoreDep) -> Checkpoints:
     active = store.active_checkpoint()
-    items = [Checkpoint(**{**m, "active": m.get("id") == active}) for m in checkpoints.listing(s)]
+    items = [Checkpoint(**{**public_values(m), "active": m.get("id") == active}) for m in checkpoints.listing(s)]
     return Checkpoints(active=active, items=items)
 
 
@@ -88,7 +114,7 @@ def activate_checkpoint(ckpt_id: str, s: SettingsDep, store: StoreDep) -> Checkp
         try:
             meta = checkpoints.meta(s, ckpt_id)
         except checkpoints.CheckpointError as e:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from e
+            raise HTTPException(status.HTTP_404_NOT_FOUND, public(str(e))) from e
         trained_on = (meta.get("base_model") or {}).get("name")
         if trained_on != s.base_model:
             raise HTTPException(status.HTTP_409_CONFLICT,

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from app.bodies import StrictJSONRoute
 from app.deps import SettingsDep, StoreDep, TenantDep
-from app.errors import ERRORS, invalid, invalid_from
+from app.errors import ERRORS, invalid, invalid_from, public
 from app.routes.tasks import owned
 from app.schemas import OptionScore, PredictionOut, PredictRequest, PredictResponse
 from app.watcher import UNDERWAY
@@ -43,7 +43,7 @@ def parse_queries(body: PredictRequest, s: Settings, count_tokens) -> list[Query
 
 def check_ready(task_id: str, rec: dict[str, Any]) -> None:
     if rec["status"] == "failed":
-        raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id} failed: {rec.get('error')}")
+        raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id} failed: {public(rec.get('error'))}")
     if rec["status"] != "ready":
         step = f" (step {rec.get('step', 0)} of {rec.get('n_steps', 0)})" if rec["status"] == "adapting" else ""
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id} is {rec['status']}{step}, not ready")

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from app.adaptations import enqueue, new_run, retry_failed, sender
 from app.bodies import StrictJSONRoute
 from app.deps import CeleryDep, SettingsDep, StoreDep, TenantDep
-from app.errors import ERRORS, invalid, invalid_from
+from app.errors import ERRORS, invalid, invalid_from, public
 from app.schemas import Adaptation, Progress, TaskCreate, TaskInfo, TaskPage
 from app.worker_calls import call_worker
 from model.recipe import DEFAULT, Recipe
@@ -28,7 +28,7 @@ router = APIRouter(prefix="/tasks", tags=["tasks"], route_class=StrictJSONRoute)
 def info(rec: dict[str, Any], request: Request) -> TaskInfo:
     return TaskInfo(
         id=rec["id"], status=rec["status"], status_url=str(request.url_for("get_task", task_id=rec["id"])),
-        error=rec.get("error"), mode=rec["mode"], steps=rec["steps"], epochs=rec.get("epochs", 0.0), lr=rec["lr"],
+        error=public(rec.get("error")), mode=rec["mode"], steps=rec["steps"], epochs=rec.get("epochs", 0.0), lr=rec["lr"],
         recipe=rec.get("recipe") or {}, checkpoint=rec["checkpoint"],
         progress=Progress(step=rec.get("step", 0), steps=rec.get("n_steps", rec["steps"]), epoch=rec.get("epoch", 0.0),
                           epochs=rec.get("epochs", 0.0), loss=rec.get("loss"),
@@ -54,7 +54,7 @@ def resolve_checkpoint(s, store, requested: str | None) -> str:
     try:
         checkpoints.meta(s, requested)
     except checkpoints.CheckpointError as e:
-        raise invalid(("body", "checkpoint"), str(e), "unknown_checkpoint") from e
+        raise invalid(("body", "checkpoint"), public(str(e)), "unknown_checkpoint") from e
     return requested
 
 
