@@ -106,7 +106,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
 
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(OverQuota, over_quota)
-    metrics.setup(app, app.state.store)
+    metrics.setup(app, app.state.store, s.env == "production" if s.metrics_need_key is None else s.metrics_need_key)
     app.add_middleware(BodyLimit, max_bytes=s.max_request_bytes)
     return app
 

@@ -6,12 +6,14 @@ collector turns them into Prometheus families at scrape time, with the queue dep
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_fastapi_instrumentator import Instrumentator
 
+from app.deps import admin
+from app.errors import ADMIN_ERRORS
 from worker.celery_app import QUEUES
 from worker.store import ADAPT_BUCKETS, Store
 
@@ -51,8 +53,11 @@ class WorkerCollector:
         yield h
 
 
-def setup(app: FastAPI, store: Store) -> None:
+def setup(app: FastAPI, store: Store, need_key: bool) -> None:
+    """/metrics, open or (need_key) for the admin key only: queue depths and request rates are the
+    operator's, not every caller's."""
     registry = CollectorRegistry()  # one per app: tests build several
     registry.register(WorkerCollector(store))
+    guard = {"dependencies": [Depends(admin)], "responses": {401: ADMIN_ERRORS[401], 403: ADMIN_ERRORS[403]}} if need_key else {}
     Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(app).expose(
-        app, tags=["health"], response_class=PlainTextResponse, summary="Prometheus metrics")
+        app, tags=["health"], response_class=PlainTextResponse, summary="Prometheus metrics", **guard)

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     worker_lru_size: int = 8
     api_keys: dict[str, str] = {"dev-key": "dev"}  # key -> tenant
     admin_key: str = "dev-admin-key"
+    metrics_need_key: bool | None = Field(None, description="/metrics answers only with the admin key in X-API-Key; "
+                                          "None: so in production (env=production), open otherwise")
     max_request_bytes: int = 1_000_000
     max_predict_inputs: int = 64
     predict_wait_max_s: float = 60.0
