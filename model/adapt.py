@@ -26,7 +26,7 @@ from torch import Tensor
 from model.lm import LM, Params
 from model.prompts import Formatter, Row, longest
 from model.recipe import DEFAULT, Recipe
-from model.scoring import Prefix, demo_spans, encode_prefix, in_context, option_prior, pad, row_logprobs
+from model.scoring import Lower, Prefix, demo_spans, encode_prefix, in_context, option_prior, pad, row_keys, row_logprobs
 from model.task import Example, Task
 
 Episode = list[tuple[list[Example], Example]]  # (context demonstrations, query) pairs: one batch
@@ -111,7 +111,8 @@ def icl_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, instru
 
 def option_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, instruction: str | None,
                 episode: Episode, options: Sequence[str] | None, length_norm: bool = True, lm_weight: float = 0.0,
-                prompt: Sequence[Example] | None = None, gold_only: bool = False, prompt_grad: bool = True) -> Tensor:
+                prompt: Sequence[Example] | None = None, gold_only: bool = False, prompt_grad: bool = True,
+                lower: Lower | None = None) -> Tensor:
     """Cross-entropy over each query's option scores (the scores prediction ranks by), plus
     `lm_weight` times the LM loss on the gold option's tokens (`gold_only`: that loss alone).
     Queries without options (generation) contribute the LM loss alone.
@@ -120,14 +121,13 @@ def option_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, ins
     prediction prompt itself (instruction + those demonstrations, in order, as many as fit),
     encoded once for the whole batch, each query's own copy masked from its attention: training
     then sees exactly the context predictions will see, and no query can copy its label.
-    `prompt_grad` False treats the prompt's keys and values as constants (a forward pass less)."""
+    `prompt_grad` False treats the prompt's keys and values as constants (a backward pass less);
+    `lower` runs the frozen layers below the LoRA once across steps (see `model.scoring.Lower`)."""
     queries = [q for _, q in episode]
     cands = [fmt.candidates(q.input, [q.output] if gold_only else list(q.options or options or [q.output])) for q in queries]
-    prefix, where = Prefix([]), {}
+    ids, used, where = [], 0, {}
     if prompt is not None:
         ids, used = fmt.prefix(instruction, prompt, max(longest(c) for c in cands))
-        with torch.set_grad_enabled(torch.is_grad_enabled() and prompt_grad):
-            prefix = encode_prefix(lm, ids, params, used)
         where = demo_spans(fmt, prompt, ids, used)
     rows: list[Row] = []
     hide: list[tuple[int, int] | None] = []
@@ -140,7 +140,13 @@ def option_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, ins
             cs = [Row(head + r.ctx, r.target) for r in cs]
         rows += cs
         hide += [where.get(id(q))] * len(cs)
-    sums, lengths = row_logprobs(lm, prefix, rows, params, hide=hide)
+    if lower is not None and not ids:
+        lower = None  # it replays on top of a cached prompt only
+    if lower is not None:
+        lower.covers(row_keys(ids, rows, hide))
+    with torch.set_grad_enabled(torch.is_grad_enabled() and prompt_grad):
+        prefix = encode_prefix(lm, ids, params, used, lower)
+    sums, lengths = row_logprobs(lm, prefix, rows, params, hide=hide, lower=lower)
     scores = sums / lengths if length_norm else sums
     gold = torch.tensor([g for _, _, g in spans], device=sums.device)
     ce = [-(scores[g] - torch.logsumexp(scores[a:b], 0)) for a, b, g in spans if b - a > 1]
@@ -152,16 +158,16 @@ def option_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, ins
 
 def episode_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, instruction: str | None,
                  episode: Episode, options: Sequence[str] | None = None, loss: str = "lm", length_norm: bool = True,
-                 prompt: Sequence[Example] | None = None, prompt_grad: bool = True) -> Tensor:
+                 prompt: Sequence[Example] | None = None, prompt_grad: bool = True, lower: Lower | None = None) -> Tensor:
     """The recipe's training loss on one episode: "lm", "options" or "mix", each query in its
     own sampled context or (`prompt`) in the prediction prompt (see `option_loss`)."""
     if loss == "lm":
         if prompt is None:
             return icl_loss(lm, params, fmt, instruction, episode)
         return option_loss(lm, params, fmt, instruction, episode, options, length_norm, prompt=prompt, gold_only=True,
-                           prompt_grad=prompt_grad)
+                           prompt_grad=prompt_grad, lower=lower)
     return option_loss(lm, params, fmt, instruction, episode, options, length_norm, 1.0 if loss == "mix" else 0.0, prompt,
-                       prompt_grad=prompt_grad)
+                       prompt_grad=prompt_grad, lower=lower)
 
 
 def support_episodes(demos: Sequence[Example], steps: int, batch_size: int, context_demos: int, rng: random.Random) -> list[Episode]:
@@ -197,6 +203,7 @@ def inner_loop(
     length_norm: bool = True,
     prompt: Sequence[Example] | None = None,
     prompt_grad: bool = True,
+    lower: Lower | None = None,
 ) -> tuple[Params, AdamState, list[float]]:
     """Adapt `trainable` (on top of `fixed` overrides) with one Adam step per episode of `loss`
     (`episode_loss`).
@@ -208,7 +215,8 @@ def inner_loop(
     for i, ep in enumerate(episodes):
         if order == 0:
             trainable = {k: p.detach().requires_grad_() for k, p in trainable.items()}
-        value = episode_loss(lm, {**fixed, **trainable}, fmt, instruction, ep, options, loss, length_norm, prompt, prompt_grad)
+        value = episode_loss(lm, {**fixed, **trainable}, fmt, instruction, ep, options, loss, length_norm, prompt, prompt_grad,
+                             lower)
         grads = torch.autograd.grad(value, list(trainable.values()), create_graph=order == 2, allow_unused=True)
         grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(trainable.items(), grads)}
         if order < 2:
@@ -267,6 +275,15 @@ def support_loss(lm: LM, params: Mapping[str, Tensor], fmt: Formatter, task: Tas
                         prompt_of(task, recipe), recipe.prompt_grad).item()
 
 
+def frozen_below(lm: LM, mode: str) -> Lower | None:
+    """A `Lower` for the layers under the lowest LoRA layer, when LoRA (the only thing trained)
+    leaves some frozen at the bottom."""
+    if mode != "lora" or lm.lora.layers is None:
+        return None
+    start = min(i % lm.n_layers for i in lm.lora.layers)
+    return Lower(start) if start > 0 else None
+
+
 def prompt_of(task: Task, recipe: Recipe) -> list[Example] | None:
     """The demonstrations of the prediction prompt, when the recipe trains in it (context_demos None)."""
     return in_context(task, recipe).demonstrations if recipe.context_demos is None else None
@@ -296,9 +313,11 @@ def adapt(
     steps = recipe.steps_for(len(demos))
     before = support_loss(lm, {**fixed, **trainable}, fmt, task, recipe, seed)
     episodes = support_episodes(demos, steps, recipe.batch_size, recipe.context_demos or 0, random.Random(seed))
+    prompt = prompt_of(task, recipe)
+    lower = frozen_below(lm, mode) if prompt is not None else None
     trainable, state, losses = inner_loop(lm, fixed, trainable, fmt, task.instruction, episodes, recipe.lr_for(mode),
                                           state, 0, on_step, task.options, recipe.loss, recipe.length_norm,
-                                          prompt_of(task, recipe), recipe.prompt_grad)
+                                          prompt, recipe.prompt_grad, lower)
     params = {**fixed, **trainable}
     after = support_loss(lm, params, fmt, task, recipe, seed) if steps else before
     prior = option_prior(lm, task, params, recipe, fmt) if recipe.calibrate else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import contextlib
 import math
 
 import torch
@@ -54,14 +55,93 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Ten
     return ids.to(device), mask.to(device)
 
 
-def encode_prefix(lm: LM, ids: list[int], params: Mapping[str, Tensor] | None = None, n_demos: int = 0) -> Prefix:
-    """The prompt prefix's KV cache (differentiable when grad is on: training through the prompt)."""
+def encode_prefix(lm: LM, ids: list[int], params: Mapping[str, Tensor] | None = None, n_demos: int = 0,
+                  lower: Lower | None = None) -> Prefix:
+    """The prompt prefix's KV cache (differentiable when grad is on: training through the prompt).
+    With `lower` the frozen layers run once (see `Lower`)."""
     if not ids:
         return Prefix(ids, None, n_demos)
     x = torch.tensor([ids], device=lm.device)
-    out = lm(params, input_ids=x, attention_mask=torch.ones_like(x), use_cache=True, logits_to_keep=1)
+    out = _forward(lm, params, lower, [("p", tuple(ids))], x, [len(ids)], "right",
+                   attention_mask=torch.ones_like(x), use_cache=True, logits_to_keep=1)
     kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
     return Prefix(ids, kv, n_demos)
+
+
+class Lower:
+    """What the frozen layers below `start` make of each prompt and row, computed once.
+
+    A LoRA that sits only on layers >= start (and nothing else trained) leaves every hidden
+    state entering layer `start` unchanged from one adaptation step to the next. The first
+    step that meets a prompt or a row runs the whole model and records that hidden state (the
+    "record" pass: exact, its gradients too); once a step's prompt and rows are all recorded it
+    runs only the layers above, from the recorded states (the "replay" pass), while the layers
+    below pass their input through and keep the KV cache's length with placeholder keys.
+    """
+
+    def __init__(self, start: int):
+        self.start = start
+        self.h: dict[tuple, Tensor] = {}
+        self.replay = False  # the mode of the current step; set by `covers`
+
+    def covers(self, keys: Sequence[tuple]) -> bool:
+        """Whether every key is recorded; sets the step's mode (replay when it is)."""
+        self.replay = all(k in self.h for k in keys)
+        return self.replay
+
+    @contextlib.contextmanager
+    def skipping(self, lm: LM):
+        layers = [m for m in lm.model.modules() if hasattr(m, "self_attn") and hasattr(m, "mlp")]
+        for layer in layers[: self.start]:
+            idx = layer.self_attn.layer_idx
+
+            def passthrough(hidden_states, *args, past_key_values=None, _idx=idx, **kwargs):
+                if past_key_values is not None:  # keep the cache's length with one-wide placeholders:
+                    b, n = hidden_states.shape[:2]  # transformers reads a cache with no elements as empty
+                    dummy = hidden_states.new_zeros((b, 1, n, 1))
+                    past_key_values.update(dummy, dummy, _idx)
+                return hidden_states
+
+            layer.forward = passthrough
+        try:
+            yield
+        finally:
+            for layer in layers[: self.start]:
+                del layer.forward
+
+
+def row_keys(prefix_ids: Sequence[int], rows: Sequence[Row], hide: Sequence[tuple[int, int] | None] | None = None) -> list[tuple]:
+    """The `Lower` keys that scoring these rows on this prefix needs."""
+    hide = hide or [None] * len(rows)
+    p = tuple(prefix_ids)
+    keys = {("p", p)} if p else set()
+    for r, h in zip(rows, hide):
+        keys.add(("c", p, tuple(r.ctx), h))
+        if len(r.target) > 1:
+            keys.add(("t", p, tuple(r.ctx), h, tuple(r.target[:-1])))
+    return list(keys)
+
+
+def _forward(lm: LM, params: Mapping[str, Tensor] | None, lower: Lower | None, keys: Sequence[tuple], ids: Tensor,
+             lengths: Sequence[int], side: str, **kwargs):
+    """lm(params, input_ids=ids, **kwargs); with `lower`, the record or replay pass (see `Lower`).
+    Row j's real tokens are its last (side "left") or first ("right") lengths[j] columns."""
+    if lower is None:
+        return lm(params, input_ids=ids, **kwargs)
+    n = ids.shape[1]
+    spans = [(n - k, n) if side == "left" else (0, k) for k in lengths]
+    if not lower.replay:
+        out = lm(params, input_ids=ids, output_hidden_states=True, **kwargs)
+        h = out.hidden_states[lower.start].detach()
+        for j, (key, (a, b)) in enumerate(zip(keys, spans)):
+            lower.h[key] = h[j, a:b]
+        return out
+    first = lower.h[keys[0]]
+    h = first.new_zeros((ids.shape[0], n, first.shape[-1]))
+    for j, (key, (a, b)) in enumerate(zip(keys, spans)):
+        h[j, a:b] = lower.h[key]
+    with lower.skipping(lm):
+        return lm(params, inputs_embeds=h, **kwargs)
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
@@ -82,7 +162,7 @@ def _select(cache: DynamicCache, index: Tensor) -> DynamicCache:
 
 def row_logprobs(
     lm: LM, prefix: Prefix, rows: Sequence[Row], params: Mapping[str, Tensor] | None = None, chunk: int = 32,
-    hide: Sequence[tuple[int, int] | None] | None = None,
+    hide: Sequence[tuple[int, int] | None] | None = None, lower: Lower | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(sum of target log-probs, target length) per row, as tensors; differentiable when grad is on.
 
@@ -94,6 +174,7 @@ def row_logprobs(
     labels) costs one pass per query and nothing per option. Without a cached prefix, the
     prefix ids lead each ctx. `hide[i]`, a [start, end) span of prefix positions, is masked
     from row i's attention (a demonstration scored without seeing its own copy in context).
+    `lower` runs the frozen layers once across training steps (see `Lower`; it needs a cached prefix).
     """
     dev = lm.device
     hide = hide or [None] * len(rows)
@@ -113,8 +194,10 @@ def row_logprobs(
         for j, h in enumerate(hidden[c0: c0 + chunk]):
             if h is not None:
                 mask[j, h[0]: h[1]] = 0
-        out = lm(params, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=prefix.cache(len(part)),
-                 use_cache=True, logits_to_keep=1)
+        p = tuple(prefix.ids)
+        keys = [("c", p, tuple(c), h) for c, h in zip(part, hidden[c0: c0 + chunk])]
+        out = _forward(lm, params, lower, keys, ids, [len(lead) + len(c) for c in part], "left", attention_mask=mask,
+                       position_ids=pos, past_key_values=prefix.cache(len(part)), use_cache=True, logits_to_keep=1)
         first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # the next-token distribution after each ctx
         mine = [i for i, w in enumerate(which) if c0 <= w < c0 + len(part)]
         for i in mine:
@@ -126,8 +209,10 @@ def row_logprobs(
             tids, tmask = pad([rows[i].target[:-1] for i in sel], lm.eos_id, dev)  # the last token predicts nothing
             tpos = pos[index, -1:] + 1 + torch.arange(tids.shape[1], device=dev)
             full_mask = torch.cat([mask.index_select(0, index), tmask], dim=1)
-            logits = lm(params, input_ids=tids, attention_mask=full_mask, position_ids=tpos,
-                        past_key_values=_select(out.past_key_values, index), use_cache=True).logits
+            keys = [("t", p, tuple(ctxs[which[i]]), hidden[which[i]], tuple(rows[i].target[:-1])) for i in sel]
+            logits = _forward(lm, params, lower, keys, tids, [len(rows[i].target) - 1 for i in sel], "right",
+                              attention_mask=full_mask, position_ids=tpos, past_key_values=_select(out.past_key_values, index),
+                              use_cache=True).logits
             logp = F.log_softmax(logits.float(), dim=-1)
             for j, i in enumerate(sel):
                 tgt = torch.tensor(rows[i].target[1:], device=dev)

@@ -118,3 +118,37 @@ def test_second_order_meta_gradient_differs_from_first_order(lm):
     leaves = {k: v.detach().requires_grad_() for k, v in adapted.items()}
     direct = torch.autograd.grad(icl_loss(lm, leaves, fmt, None, query), list(leaves.values()))
     assert torch.allclose(g1, torch.cat([x.flatten() for x in direct]), atol=1e-6)
+
+
+def test_frozen_lower_layers_replayed_give_the_full_models_loss_and_gradients(monkeypatch):
+    """LoRA on the top layer only: after a step has recorded what the frozen layer below makes of
+    the prompt and the rows, later steps run only the top layer, with exactly the same numbers."""
+    from model.lm import LoraSpec
+    from model.scoring import Lower
+
+    top = tiny_lm(lora=LoraSpec(layers=(-1,)))
+    task = sentiment_task().model_copy(update={"options": ["positive", "negative", "neutral sports"]})
+    fmt = Formatter(top.encode)
+    g = torch.Generator().manual_seed(0)
+    params = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in top.lora_init(0).items()}
+    episode = [(None, d) for d in task.demonstrations[:4]]
+
+    def loss_and_grads(lower):
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        loss = option_loss(top, p, fmt, "Is it good?", episode, task.options, lm_weight=0.5, prompt=task.demonstrations,
+                           lower=lower)
+        return loss, torch.autograd.grad(loss, list(p.values()))
+
+    full, full_grads = loss_and_grads(None)
+    lower = Lower(1)
+    loss_and_grads(lower)  # records
+    replayed, grads = loss_and_grads(lower)
+    assert lower.replay and len(lower.h) > 1
+    assert replayed.item() == pytest.approx(full.item(), abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, full_grads))
+    # and a whole adaptation in the prompt lands where one without the replay lands
+    recipe = Recipe(epochs=4, batch_size=4, lr=1e-2, context_demos=None, predict_demos=None, calibrate=False)
+    fast = adapt(top, task, recipe, "lora")
+    monkeypatch.setattr("model.adapt.frozen_below", lambda lm, mode: None)
+    slow = adapt(top, task, recipe, "lora")
+    assert all(torch.allclose(fast.params[k], slow.params[k], atol=1e-5) for k in fast.params)
