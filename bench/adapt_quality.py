@@ -110,12 +110,13 @@ def load_tasks(subset: str, data_dir: Path) -> list:
 
 
 # --------------------------------------------------------------------------- variants
-def run_llm(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], recipe: Recipe, seed: int) -> dict[str, Any]:
+def run_llm(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], recipe: Recipe, seed: int,
+            mode: str = "lora") -> dict[str, Any]:
     """Adapt with the recipe (when it trains) and predict; raw scores kept for the calibration analysis."""
     t0 = time.perf_counter()
     params, prior, epochs = None, None, 0.0
     if recipe.epochs > 0:
-        a = adapt(lm, task, recipe, "lora", seed=seed, fmt=fmt)
+        a = adapt(lm, task, recipe, mode, seed=seed, fmt=fmt)
         params, prior, epochs = a.params, a.prior, a.epochs
     elif recipe.calibrate:
         from model.scoring import option_prior
@@ -249,9 +250,10 @@ def markdown(summary: dict[str, Any], k: int, subset: str, seeds: Sequence[int])
 
 
 # --------------------------------------------------------------------------- main
-def config_key(name: str, recipe: Recipe | None, lora: LoraSpec) -> str:
+def config_key(name: str, recipe: Recipe | None, lora: LoraSpec, mode: str = "lora") -> str:
     body = json.dumps({"name": name, "recipe": recipe.to_dict() if recipe else None, "peer": PEER if name == "peft_trainer" else None}
-                      | ({"lora": lora.__dict__} if recipe and recipe.epochs and lora != LoraSpec() else {}), sort_keys=True)
+                      | ({"lora": lora.__dict__} if recipe and recipe.epochs and lora != LoraSpec() and mode == "lora" else {})
+                      | ({"mode": mode} if mode != "lora" else {}), sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
@@ -275,9 +277,12 @@ def main() -> None:
     subset = "search" if args.quick else args.subset
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(SEEDS[:2] if args.quick else SEEDS)
     recipes: dict[str, Recipe] = {"icl": ICL, "default": DEFAULT}
+    modes: dict[str, str] = {}
     for spec in args.recipe:
         name, _, body = spec.partition("=")
-        recipes[name] = DEFAULT.but(**json.loads(body))
+        fields = json.loads(body)
+        modes[name] = fields.pop("mode", "lora")
+        recipes[name] = DEFAULT.but(**fields)
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in recipes and v not in ("peft_trainer", "tfidf_lr")]
     if unknown:
@@ -310,18 +315,18 @@ def main() -> None:
             golds = [q.output for q in queries]
             for v in variants:
                 recipe = recipes.get(v)
-                key = f"{v}|{config_key(v, recipe, lm.lora)}|{bt.name}|{args.k}|{seed}|{len(queries)}"
+                key = f"{v}|{config_key(v, recipe, lm.lora, modes.get(v, 'lora'))}|{bt.name}|{args.k}|{seed}|{len(queries)}"
                 if key not in known:
                     if v == "tfidf_lr":
                         r = run_tfidf(task, queries, seed)
                     elif v == "peft_trainer":
                         r = run_peft(lm, fmt, task, queries, seed)
                     else:
-                        r = run_llm(lm, fmt, task, queries, recipe, seed)
+                        r = run_llm(lm, fmt, task, queries, recipe, seed, modes.get(v, "lora"))
                     r["metrics"] = metrics(task.options, r["raw"], golds, r["prior"], v != "tfidf_lr")
                     r["key"] = key
                     r["config"] = {"recipe": recipe.to_dict() if recipe else None, "lora": lm.lora.__dict__ if recipe else None,
-                                   "peer": PEER if v == "peft_trainer" else None}
+                                   "peer": PEER if v == "peft_trainer" else None, "mode": modes.get(v, "lora")}
                     r.pop("raw")
                     with open(journal, "a") as f:
                         f.write(json.dumps(r) + "\n")
