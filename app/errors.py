@@ -104,4 +104,5 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
 
 
 async def over_quota(request: Request, exc: OverQuota) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail}, status_code=429, headers={"Retry-After": str(exc.retry_after_s)})
+    headers = None if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+    return JSONResponse({"detail": exc.detail}, status_code=429, headers=headers)

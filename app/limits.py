@@ -1,8 +1,32 @@
-"""413 for request bodies over max_request_bytes, declared or streamed (ASGI middleware)."""
+"""Limits on what one request may cost: 413 for bodies over max_request_bytes, declared or streamed
+(ASGI middleware), and the tokens a /predict call makes the worker score."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
+
+from model.task import Query
+
+
+def predict_tokens(task: dict[str, Any], queries: list[Query], count_tokens: Callable[[str], int], max_new_tokens: int) -> int:
+    """Tokens the worker scores for these queries of the task (a record's "task"): each input once
+    per option (input + option), or input + max_new_tokens to generate. The demonstrations are
+    encoded once per task and kept, so they do not count. 32 options of 256 tokens cost SmolLM2
+    24 s of CPU per input; a limit on this bounds a call's worker time whatever its shape."""
+    sizes: dict[str, int] = {}
+
+    def n(text: str) -> int:
+        if text not in sizes:
+            sizes[text] = count_tokens(text)
+        return sizes[text]
+
+    total = 0
+    for q in queries:
+        options = q.options if q.options is not None else task.get("options")
+        total += sum(n(q.input) + n(o) for o in options) if options else n(q.input) + max_new_tokens
+    return total
 
 
 class BodyLimit:

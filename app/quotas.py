@@ -16,7 +16,7 @@ import anyio
 import anyio.to_thread
 import redis
 
-from worker.store import SLOTS, now, retrying
+from worker.store import SLOTS, Store, now, retrying
 
 # Drop expired leases, then take one if fewer than the limit are held. KEYS: the set.
 # ARGV: now, limit, the lease's expiry, its id, the set's own TTL.
@@ -30,9 +30,22 @@ return 1
 
 
 class OverQuota(Exception):
-    def __init__(self, detail: str, retry_after_s: int = 1):
+    """retry_after_s None: waiting does not help (the tenant must free something first)."""
+
+    def __init__(self, detail: str, retry_after_s: int | None = 1):
         super().__init__(detail)
         self.detail, self.retry_after_s = detail, retry_after_s
+
+
+def check_weights(store: Store, tenant: str, mode: str, limit: int) -> None:
+    """A new adaptation needs room under the tenant's stored-weights quota for weights the size of
+    the last ones stored in its mode. The worker enforces the quota exactly, when it stores them;
+    this refuses early what it would refuse."""
+    used, more = store.usage(tenant, "weights_bytes"), store.weights_size(mode)
+    if used + more > limit:
+        raise OverQuota(f"this tenant's tasks hold {used} bytes of adapted weights and a task in mode {mode} adds "
+                        f"about {more}; the limit is {limit}: delete tasks (DELETE /tasks/{{id}}) to make room",
+                        retry_after_s=None)
 
 
 class Quotas:

@@ -12,7 +12,9 @@ import time
 import uuid
 from typing import Any
 
+import anyio
 import anyio.to_thread
+import redis
 import redis.asyncio
 from celery import Celery
 from fastapi import HTTPException, status
@@ -36,8 +38,12 @@ async def call_worker(celery: Celery, replies: redis.asyncio.Redis, timeout_s: f
     deadline = time.monotonic() + timeout_s
     got = None
     while got is None and (left := deadline - time.monotonic()) > 0:
-        # short waits: a Redis restart surfaces within seconds rather than at the deadline
-        got = await replies.blpop([REPLY + reply], timeout=min(2.0, max(left, 0.01)))
+        try:  # short waits: a Redis restart surfaces within seconds rather than at the deadline
+            got = await replies.blpop([REPLY + reply], timeout=min(2.0, max(left, 0.01)))
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Redis restarted (a pooled connection went stale) or is away: the reply list outlives
+            # a restart (the worker retries its push, the records Redis keeps its AOF), so wait on.
+            await anyio.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
     if got is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"no worker answered within {timeout_s:g} s",
                             headers={"Retry-After": "5"})

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # per-tenant quotas (app/quotas.py): beyond them a 429 with Retry-After
     max_waiting_predicts: int = Field(32, ge=1, description="per tenant: /predict calls in flight at once (waiting "
                                       "for their task to be ready or for the worker)")
+    max_weights_bytes: int = Field(2_000_000_000, ge=0, description="per tenant: bytes of adapted weights its tasks "
+                                   "hold (LoRA in the cache, full-mode deltas on disk); an adaptation beyond it fails")
+    max_predict_tokens: int = Field(32_768, ge=1, description="per /predict call: tokens scored, over its inputs and "
+                                    "each input's options (input + option; input + max_new_tokens to generate)")
     adapt_time_limit_s: int = 1800
     meta_train_time_limit_s: int = 6 * 3600
     visibility_timeout_s: int = 0  # broker redelivery of unacked tasks; 0: the longest hard time limit + 10 min

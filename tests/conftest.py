@@ -16,7 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -57,6 +60,8 @@ ENV = {
 }
 
 from model.settings import Settings  # noqa: E402
+
+LIMITS_TOKENS = Settings.model_fields["max_predict_tokens"].default
 
 
 def settings(**overrides) -> Settings:
@@ -167,6 +172,44 @@ class Worker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+
+
+@dataclass
+class OwnService:
+    client: Any  # a TestClient of the service's API
+    workers: list[Worker]
+
+    def runner(self, task_id: str) -> Worker:
+        """The worker whose process claimed the task's run."""
+        on = self.client.app.state.store.task(task_id)["worker"]
+        return next(w for w in self.workers if on in w.processes())
+
+
+@contextmanager
+def own_service(db: int, workers: int = 1, **overrides: str):
+    """Workers and an API of their own, on Redis databases `db` (records and cache) no other test
+    uses, with these settings: for tests that need settings of their own. Needs redis_servers."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    over = {"redis_url": f"redis://127.0.0.1:{RECORDS_PORT}/{db}", "cache_redis_url": f"redis://127.0.0.1:{CACHE_PORT}/{db}",
+            **overrides}
+    records, cache = redis.Redis(port=RECORDS_PORT, db=db), redis.Redis(port=CACHE_PORT, db=db)
+    records.flushdb()
+    cache.flushdb()
+    env = {f"MAMLSERVE_{k.upper()}": v for k, v in over.items()}
+    ws = [Worker(records, env, name=f"worker-db{db}-{i}") for i in range(workers)]
+    try:
+        for w in ws:
+            w.start()
+        with TestClient(create_app(settings(**over))) as c:
+            yield OwnService(c, ws)
+    finally:
+        for w in ws:
+            w.stop()
+        records.flushdb()
+        cache.flushdb()
 
 
 @pytest.fixture(scope="session")

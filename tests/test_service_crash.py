@@ -5,13 +5,10 @@ dropped). Each time the task ends ready exactly once."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
-import redis
 
-from conftest import CACHE_PORT, ENV, RECORDS_PORT, Worker, auth, settings, wait_for, wait_status
+from conftest import ENV, auth, own_service, sentiment, wait_for, wait_status
 
 
 def long_body(tag: str, steps: int = 60) -> dict:
@@ -104,43 +101,12 @@ def test_recover_puts_back_what_a_dead_worker_left(redis_servers):
         db.flushdb()
 
 
-DB = 3  # the deployed service's own database: no other test's worker consumes it
-
-
-@dataclass
-class Deployed:
-    client: Any
-    workers: list[Worker]
-
-    def runner(self, task_id: str) -> Worker:
-        """The worker whose process claimed the task's run."""
-        on = self.client.app.state.store.task(task_id)["worker"]
-        return next(w for w in self.workers if on in w.processes())
-
-
 @pytest.fixture(scope="module")
 def deployed(redis_servers):
     """Two workers and an API as deployed: the broker redelivers a lost message only after the
     production visibility timeout (hours), so what recovers a run within a test is the reaper."""
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-
-    urls = {"redis_url": f"redis://127.0.0.1:{RECORDS_PORT}/{DB}", "cache_redis_url": f"redis://127.0.0.1:{CACHE_PORT}/{DB}"}
-    over = {**urls, "visibility_timeout_s": "0", "adapt_max_steps": "400"}
-    db = redis.Redis(port=RECORDS_PORT, db=DB)
-    db.flushdb()
-    workers = [Worker(db, {f"MAMLSERVE_{k.upper()}": v for k, v in over.items()}, name=f"deployed-{i}") for i in range(2)]
-    try:
-        for w in workers:
-            w.start()
-        with TestClient(create_app(settings(**over))) as c:
-            yield Deployed(c, workers)
-    finally:
-        for w in workers:
-            w.stop()
-        db.flushdb()
-        redis.Redis(port=CACHE_PORT, db=DB).flushdb()
+    with own_service(db=3, workers=2, visibility_timeout_s="0", adapt_max_steps="400") as service:
+        yield service
 
 
 def test_reaper_queues_again_only_the_run_whose_own_worker_died(deployed):
@@ -180,3 +146,16 @@ def test_cache_redis_restart_during_adaptation_ends_ready_once(deployed, redis_s
     tid = long_task(deployed.client, "cache-restart")
     redis_servers[1].restart(down_s=3, kill=True)
     ends_ready_once(deployed.client, tid)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["records", "cache"])
+def test_a_prediction_right_after_a_redis_restart_is_answered(client, worker, redis_servers, which):
+    """The API's and the worker's pooled connections went stale with the restart: they reconnect."""
+    task = client.post("/tasks", json={**sentiment(tag=f"after-restart-{which}"), "adaptation": {"steps": 1}},
+                       headers=auth()).json()
+    wait_status(client, task["id"])
+    ask = {"task_id": task["id"], "inputs": ["a joy"]}
+    assert client.post("/predict", json=ask, headers=auth()).status_code == 200
+    redis_servers[which].restart(down_s=1, kill=True)
+    r = client.post("/predict", json=ask, headers=auth())
+    assert r.status_code == 200, r.text

@@ -24,6 +24,8 @@ ACTIVE = "ms:checkpoint:active"  # the checkpoint new tasks start from by defaul
 METRICS = "ms:metrics"  # counters the worker adds to and /metrics reads
 REPLY = "ms:reply:"  # + uuid -> list the worker pushes a prediction reply onto
 WORKERS = "ms:workers"  # hash: process -> its model, the run it is on and its last heartbeat
+USAGE = "ms:usage:"  # + tenant -> hash: weights_bytes, what the tenant's tasks hold
+SIZES = "ms:weights_size"  # hash: mode -> bytes of the last weights stored in that mode (the API's estimate)
 SLOTS = "ms:slots:"  # + kind:tenant -> zset of leases (request id -> expiry): app/quotas.py
 PENDING = "ms:pending"  # zset: ids of queued or adapting tasks (what the reaper looks at), by last change
 
@@ -73,6 +75,14 @@ return 1
 """
 
 
+# Add n to a tenant's usage unless that takes it over the limit: -1 then, else the new usage.
+_CHARGE = """
+local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if used + tonumber(ARGV[2]) > tonumber(ARGV[3]) then return -1 end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
 def now() -> float:
     return time.time()
 
@@ -106,6 +116,7 @@ class Store:
         self._create = r.register_script(_CREATE)
         self._update = r.register_script(_UPDATE)
         self._set_if = r.register_script(_SET_IF)
+        self._charge = r.register_script(_CHARGE)
 
     @classmethod
     def from_url(cls, url: str) -> Store:
@@ -187,8 +198,38 @@ class Store:
         return items, int(self.r.zcard(TENANT + tenant))
 
     @retrying
-    def delete_task(self, task_id: str, tenant: str) -> None:
-        self.r.pipeline().delete(TASK + task_id).zrem(TENANT + tenant, task_id).zrem(PENDING, task_id).execute()
+    def delete_task(self, task_id: str, tenant: str) -> bool:
+        """Delete the record; True for the one caller that deleted it, whose the tenant's usage is
+        then less the record's weights."""
+        held, deleted, *_ = (self.r.pipeline().hget(TASK + task_id, "weights_bytes").delete(TASK + task_id)
+                             .zrem(TENANT + tenant, task_id).zrem(PENDING, task_id).execute())
+        if deleted and held:
+            self.refund(tenant, "weights_bytes", int(held))
+        return bool(deleted)
+
+    # --- what a tenant holds (app/quotas.py reads it, the worker charges it)
+    @retrying
+    def charge(self, tenant: str, what: str, n: int, limit: int) -> int | None:
+        """Add n to the tenant's usage of `what`; None (and nothing added) when that would exceed limit."""
+        used = int(self._charge(keys=[USAGE + tenant], args=[what, n, limit]))
+        return None if used < 0 else used
+
+    @retrying
+    def note_weights_size(self, mode: str, n: int) -> None:
+        self.r.hset(SIZES, mode, n)
+
+    @retrying
+    def weights_size(self, mode: str) -> int:
+        """Bytes a task's weights take in this mode, as last stored (0 before any)."""
+        return int(self.r.hget(SIZES, mode) or 0)
+
+    @retrying
+    def refund(self, tenant: str, what: str, n: int) -> None:
+        self.r.hincrby(USAGE + tenant, what, -n)
+
+    @retrying
+    def usage(self, tenant: str, what: str) -> int:
+        return int(self.r.hget(USAGE + tenant, what) or 0)
 
     # --- meta-training jobs
     @retrying

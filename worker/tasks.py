@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -29,7 +30,7 @@ from model.task import Query
 from worker.celery_app import app
 from worker.checkpoints import CheckpointError
 from worker.runtime import Runtime
-from worker.store import REPLY, Store, now, retrying
+from worker.store import REPLY, Store, now, retrying, weights_key
 
 log = logging.getLogger(__name__)
 S = get_settings()
@@ -159,8 +160,14 @@ def _adapt(rt: Runtime, rec: dict[str, Any], run: str | None) -> str:
     try:
         result = rt.run_adaptation(rec, on_step)
         pointer = patient(rt.store_weights)(rec, result)
+        size = patient(_weights_size)(rt, rec, pointer)
+        st.note_weights_size(rec["mode"], size)
+        if patient(st.charge)(rec["tenant"], "weights_bytes", size, S.max_weights_bytes) is None:
+            rt.drop_weights({**rec, **pointer})
+            return fail(f"the adapted weights ({size} bytes) would take this tenant's stored weights over the limit of "
+                        f"{S.max_weights_bytes} bytes: delete tasks to make room, then post this one again")
         done = patient(st.finish_task)(task_id, run, finished_at=now(), loss_before=result.loss_before,
-                                       loss_after=result.loss_after, **pointer)
+                                       loss_after=result.loss_after, weights_bytes=size, **pointer)
     except Gone:
         return "deleted"
     except TRANSIENT:  # a Redis stayed away: the record still says adapting, the reaper queues it again
@@ -174,11 +181,19 @@ def _adapt(rt: Runtime, rec: dict[str, Any], run: str | None) -> str:
         log.exception("adaptation of %s failed", task_id)
         return fail(f"{type(e).__name__}: {e}")
     if not done:
+        st.refund(rec["tenant"], "weights_bytes", size)
         if st.task(task_id) is None:  # deleted while adapting: do not leave its weights behind
-            rt.drop_weights(rec)
+            rt.drop_weights({**rec, **pointer})
         return "superseded"  # another run owns the record (and the same weights key): leave them
     st.observe_adaptation(time.monotonic() - t0)
     return "ready"
+
+
+def _weights_size(rt: Runtime, rec: dict[str, Any], pointer: dict[str, Any]) -> int:
+    """Bytes the task's stored weights take: the full-mode file, or the LoRA value in the cache."""
+    if pointer.get("weights_path"):
+        return Path(pointer["weights_path"]).stat().st_size
+    return int(rt.cache.strlen(weights_key(rec["checkpoint"], rec["hash"])))
 
 
 @retrying

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from app.bodies import StrictJSONRoute
 from app.deps import SettingsDep, StoreDep, TenantDep
 from app.errors import ERRORS, invalid, invalid_from, public
+from app.limits import predict_tokens
 from app.routes.tasks import owned
 from app.schemas import OptionScore, PredictionOut, PredictRequest, PredictResponse
 from app.watcher import UNDERWAY
@@ -59,6 +60,10 @@ async def predict(body: PredictRequest, request: Request, who: TenantDep, s: Set
     state = request.app.state
     queries = await anyio.to_thread.run_sync(parse_queries, body, s, state.count_tokens)
     rec = await anyio.to_thread.run_sync(owned, store, body.task_id, who)
+    cost = await anyio.to_thread.run_sync(predict_tokens, rec["task"], queries, state.count_tokens, s.max_new_tokens)
+    if cost > s.max_predict_tokens:
+        raise invalid(("body", "inputs"), f"this call scores {cost} tokens (each input with each of its options); the "
+                      f"limit is {s.max_predict_tokens}: send fewer inputs, or shorter or fewer options, per call", "too_costly")
     lease_s = body.wait_s + s.predict_timeout_s + 60
     async with state.quotas.slot(who, "predict", s.max_waiting_predicts, lease_s, "/predict calls"):
         if rec["status"] in UNDERWAY and body.wait_s > 0:

@@ -15,6 +15,7 @@ from app.adaptations import enqueue, new_run, retry_failed, sender
 from app.bodies import StrictJSONRoute
 from app.deps import CeleryDep, SettingsDep, StoreDep, TenantDep
 from app.errors import ERRORS, invalid, invalid_from, public
+from app.quotas import check_weights
 from app.schemas import Adaptation, Progress, TaskCreate, TaskInfo, TaskPage
 from app.worker_calls import call_worker
 from model.recipe import DEFAULT, Recipe
@@ -113,6 +114,9 @@ def create_task(body: TaskCreate, request: Request, response: Response, who: Ten
             "checkpoint": ckpt, "base_model": s.base_model, "prompt_format": s.prompt_format}
     digest = content_hash(who, spec)
     task_id = digest[:32]
+    existing = store.task(task_id)
+    if mode != "none" and (existing is None or existing["status"] == "failed"):  # a run to come stores weights
+        check_weights(store, who, mode, s.max_weights_bytes)
     run = new_run()
     created = store.create_task(task_id, who, {
         **spec, "hash": digest, "status": "ready" if mode == "none" else "queued", "step": 0, "n_steps": steps,
