@@ -62,7 +62,7 @@ def encode_prefix(lm: LM, ids: list[int], params: Mapping[str, Tensor] | None = 
     if not ids:
         return Prefix(ids, None, n_demos)
     x = torch.tensor([ids], device=lm.device)
-    out = _forward(lm, params, lower, [("p", tuple(ids))], x, [len(ids)], "right",
+    out = _forward(lm, params, lower, [("p", tuple(ids))], x, [(0, len(ids))],
                    attention_mask=torch.ones_like(x), use_cache=True, logits_to_keep=1)
     kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
     return Prefix(ids, kv, n_demos)
@@ -111,25 +111,22 @@ class Lower:
 
 
 def row_keys(prefix_ids: Sequence[int], rows: Sequence[Row], hide: Sequence[tuple[int, int] | None] | None = None) -> list[tuple]:
-    """The `Lower` keys that scoring these rows on this prefix needs."""
+    """The `Lower` keys that scoring these rows on this prefix needs (as `row_logprobs` groups them)."""
     hide = hide or [None] * len(rows)
     p = tuple(prefix_ids)
-    keys = {("p", p)} if p else set()
+    groups: dict[tuple, list[list[int]]] = {}
     for r, h in zip(rows, hide):
-        keys.add(("c", p, tuple(r.ctx), h))
-        if len(r.target) > 1:
-            keys.add(("t", p, tuple(r.ctx), h, tuple(r.target[:-1])))
-    return list(keys)
+        groups.setdefault((tuple(r.ctx), h), []).append(r.target)
+    keys = [("p", p)] if p else []
+    return keys + [("c", p, ctx, h, tuple(_trie(targets)[0])) for (ctx, h), targets in groups.items()]
 
 
 def _forward(lm: LM, params: Mapping[str, Tensor] | None, lower: Lower | None, keys: Sequence[tuple], ids: Tensor,
-             lengths: Sequence[int], side: str, **kwargs):
+             spans: Sequence[tuple[int, int]], **kwargs):
     """lm(params, input_ids=ids, **kwargs); with `lower`, the record or replay pass (see `Lower`).
-    Row j's real tokens are its last (side "left") or first ("right") lengths[j] columns."""
+    Row j's real tokens are its columns spans[j] = [a, b)."""
     if lower is None:
         return lm(params, input_ids=ids, **kwargs)
-    n = ids.shape[1]
-    spans = [(n - k, n) if side == "left" else (0, k) for k in lengths]
     if not lower.replay:
         out = lm(params, input_ids=ids, output_hidden_states=True, **kwargs)
         h = out.hidden_states[lower.start].detach()
@@ -137,27 +134,30 @@ def _forward(lm: LM, params: Mapping[str, Tensor] | None, lower: Lower | None, k
             lower.h[key] = h[j, a:b]
         return out
     first = lower.h[keys[0]]
-    h = first.new_zeros((ids.shape[0], n, first.shape[-1]))
+    h = first.new_zeros((ids.shape[0], ids.shape[1], first.shape[-1]))
     for j, (key, (a, b)) in enumerate(zip(keys, spans)):
         h[j, a:b] = lower.h[key]
     with lower.skipping(lm):
         return lm(params, inputs_embeds=h, **kwargs)
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
-    """Left-pad to a batch, so that every row's last real token is the last column."""
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, n - len(s):] = 1
-    return ids.to(device), mask.to(device)
+def _trie(targets: Sequence[Sequence[int]]) -> tuple[list[tuple[int, ...]], dict[tuple[int, ...], int]]:
+    """The distinct proper prefixes of the targets (each a node standing for its last token),
+    parents before children; a target's last token is predicted but never read."""
+    nodes: dict[tuple[int, ...], int] = {}
+    for t in targets:
+        for d in range(1, len(t)):
+            nodes.setdefault(tuple(t[:d]), len(nodes))
+    order = sorted(nodes, key=len)
+    return order, {n: i for i, n in enumerate(order)}
 
 
-def _select(cache: DynamicCache, index: Tensor) -> DynamicCache:
-    return DynamicCache([(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers])
+def _mask4d(lm: LM, allowed: Tensor) -> Tensor:
+    """A custom 4D mask as the attention implementation takes it: SDPA a boolean (True attends),
+    eager an additive float mask."""
+    if lm.model.config._attn_implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=lm.dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(lm.dtype).min)
+    return allowed
 
 
 def row_logprobs(
@@ -166,57 +166,65 @@ def row_logprobs(
 ) -> tuple[Tensor, Tensor]:
     """(sum of target log-probs, target length) per row, as tensors; differentiable when grad is on.
 
-    Rows that share their ctx (a query and its options, in the direct format) share one pass
-    over it: stage 1 runs each distinct ctx once on top of the prefix's KV cache (left-padded,
-    with explicit positions, so padding changes nothing) and gives every row's first target
-    token from the ctx's last position; stage 2 runs only the targets longer than one token,
-    on top of their ctx's KV. A single-token option set (letters, yes/no, most one-word
-    labels) costs one pass per query and nothing per option. Without a cached prefix, the
-    prefix ids lead each ctx. `hide[i]`, a [start, end) span of prefix positions, is masked
-    from row i's attention (a demonstration scored without seeing its own copy in context).
-    `lower` runs the frozen layers once across training steps (see `Lower`; it needs a cached prefix).
+    Rows that share their ctx (a query and its options, in the direct format) are one sequence
+    on top of the prefix's KV cache: the ctx once, then the options' tokens packed as a trie
+    (options with a common beginning share it), each token attending to the ctx and to its own
+    option's earlier tokens only, at the positions it would have alone. Every option's first
+    token comes from the ctx's last position, so a single-token option set (letters, yes/no,
+    most one-word labels) costs the ctx alone. Ctxs are left-padded and tries right-padded, so
+    the logits needed are the last columns of every row. Without a cached prefix, the prefix
+    ids lead each ctx. `hide[i]`, a [start, end) span of prefix positions, is masked from row
+    i's attention (a demonstration scored without seeing its own copy in context). `lower`
+    runs the frozen layers once across training steps (see `Lower`; it needs a cached prefix).
     """
     dev = lm.device
     hide = hide or [None] * len(rows)
-    ctx_of: dict[tuple, int] = {}
-    which = [ctx_of.setdefault((tuple(r.ctx), h), len(ctx_of)) for r, h in zip(rows, hide)]
-    ctxs = [list(c) for c, _ in ctx_of]
-    hidden = [h for _, h in ctx_of]
+    groups: dict[tuple, list[int]] = {}
+    for i, (r, h) in enumerate(zip(rows, hide)):
+        groups.setdefault((tuple(r.ctx), h), []).append(i)
     lead = [] if prefix.kv is not None else list(prefix.ids)
     past = len(prefix.ids) if prefix.kv is not None else 0
+    p = tuple(prefix.ids)
     sums: list[Tensor] = [torch.zeros((), device=dev)] * len(rows)
-    for c0 in range(0, len(ctxs), chunk):
-        part = ctxs[c0: c0 + chunk]
-        ids, mask = _left_pad([lead + c for c in part], lm.eos_id, dev)
-        pos = past + (mask.cumsum(1) - 1).clamp(min=0)
-        if past:
-            mask = torch.cat([mask.new_ones((len(part), past)), mask], dim=1)
-        for j, h in enumerate(hidden[c0: c0 + chunk]):
+    items = list(groups.items())
+    for c0 in range(0, len(items), chunk):
+        part = items[c0: c0 + chunk]
+        ctxs = [lead + list(c) for (c, _), _ in part]
+        tries = [_trie([rows[i].target for i in members]) for _, members in part]
+        width, k = max(len(c) for c in ctxs), max(len(t[0]) for t in tries)
+        n, q = len(part), width + k
+        ids = torch.full((n, q), lm.eos_id, dtype=torch.long)
+        pos = torch.zeros((n, q), dtype=torch.long)
+        mask = torch.zeros((n, q, past + q), dtype=torch.bool)
+        spans = []
+        for j, (((_, h), _), c, (nodes, _)) in enumerate(zip(part, ctxs, tries)):
+            a = width - len(c)
+            ids[j, a:width] = torch.tensor(c)
+            pos[j, a:width] = past + torch.arange(len(c))
+            mask[j, :, :past] = True
             if h is not None:
-                mask[j, h[0]: h[1]] = 0
-        p = tuple(prefix.ids)
-        keys = [("c", p, tuple(c), h) for c, h in zip(part, hidden[c0: c0 + chunk])]
-        out = _forward(lm, params, lower, keys, ids, [len(lead) + len(c) for c in part], "left", attention_mask=mask,
-                       position_ids=pos, past_key_values=prefix.cache(len(part)), use_cache=True, logits_to_keep=1)
-        first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # the next-token distribution after each ctx
-        mine = [i for i, w in enumerate(which) if c0 <= w < c0 + len(part)]
-        for i in mine:
-            sums[i] = first[which[i] - c0, rows[i].target[0]]
-        longer = [i for i in mine if len(rows[i].target) > 1]
-        for r0 in range(0, len(longer), chunk):
-            sel = longer[r0: r0 + chunk]
-            index = torch.tensor([which[i] - c0 for i in sel], device=dev)
-            tids, tmask = pad([rows[i].target[:-1] for i in sel], lm.eos_id, dev)  # the last token predicts nothing
-            tpos = pos[index, -1:] + 1 + torch.arange(tids.shape[1], device=dev)
-            full_mask = torch.cat([mask.index_select(0, index), tmask], dim=1)
-            keys = [("t", p, tuple(ctxs[which[i]]), hidden[which[i]], tuple(rows[i].target[:-1])) for i in sel]
-            logits = _forward(lm, params, lower, keys, tids, [len(rows[i].target) - 1 for i in sel], "right",
-                              attention_mask=full_mask, position_ids=tpos, past_key_values=_select(out.past_key_values, index),
-                              use_cache=True).logits
-            logp = F.log_softmax(logits.float(), dim=-1)
-            for j, i in enumerate(sel):
-                tgt = torch.tensor(rows[i].target[1:], device=dev)
-                sums[i] = sums[i] + logp[j, : len(tgt)].gather(1, tgt[:, None]).sum()
+                mask[j, :, h[0]: h[1]] = False
+            mask[j, a:width, past + a: past + width] = torch.ones(len(c), len(c), dtype=torch.bool).tril()
+            mask[j, width:, past + a: past + width] = True  # every option token sees the whole ctx
+            for m, node in enumerate(nodes):
+                ids[j, width + m] = node[-1]
+                pos[j, width + m] = past + len(c) + len(node) - 1
+                for d in range(1, len(node) + 1):  # itself and its ancestors
+                    mask[j, width + m, past + width + tries[j][1][node[:d]]] = True
+            pad_cols = [x for x in range(q) if not (a <= x < width + len(nodes))]
+            mask[j, pad_cols, [past + x for x in pad_cols]] = True  # padding sees itself: no empty softmax row
+            spans.append((a, width + len(nodes)))
+        keys = [("c", p, ctx, h, tuple(t[0])) for ((ctx, h), _), t in zip(part, tries)]
+        out = _forward(lm, params, lower, keys, ids.to(dev), spans, attention_mask=_mask4d(lm, mask[:, None].to(dev)),
+                       position_ids=pos.to(dev), past_key_values=prefix.cache(n), use_cache=prefix.kv is not None,
+                       logits_to_keep=k + 1)
+        logp = F.log_softmax(out.logits.float(), dim=-1)  # column 0: after the ctx; 1 + m: after node m
+        for j, (_, members) in enumerate(part):
+            index = tries[j][1]
+            for i in members:
+                t = rows[i].target
+                cols = [0] + [1 + index[tuple(t[:d])] for d in range(1, len(t))]
+                sums[i] = logp[j, cols, t].sum()
     lengths = torch.tensor([len(r.target) for r in rows], device=dev, dtype=torch.float32)
     return torch.stack(sums) if rows else torch.zeros(0, device=dev), lengths
 

@@ -129,3 +129,26 @@ def test_hidden_prefix_span_matches_a_full_forward_with_that_span_masked(lm):
     expected = logp[start: start + len(row.target)].gather(1, torch.tensor(row.target)[:, None]).sum()
     assert hidden.item() == pytest.approx(expected.item(), abs=1e-4)
     assert abs(hidden.item() - seen.item()) > 1e-3
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_options_sharing_a_beginning_score_as_each_alone(attn):
+    """Options packed as a trie after their query (shared beginnings computed once) get exactly
+    the log-likelihood a plain forward pass over prefix + query + option gives each one."""
+    from model.scoring import row_logprobs
+
+    lm = tiny_lm(attn=attn)
+    prefix_ids = lm.encode("the movie was great\npositive\n\n")
+    options = ["neutral", "neutral sports", "neutral sports world", "[a]", "[b]", "yes"]
+    rows = [Row(lm.encode(q + "\n"), lm.encode(o)) for q in ("a dull film", "ok") for o in options]
+    rows.append(Row(lm.encode("x\n"), lm.encode("positive negative")))
+    for prefix in (encode_prefix(lm, prefix_ids), Prefix(prefix_ids)):
+        with torch.no_grad():
+            sums, lengths = row_logprobs(lm, prefix, rows)
+        for r, got, n in zip(rows, sums.tolist(), lengths.tolist()):
+            ids = torch.tensor([prefix_ids + r.ctx + r.target])
+            with torch.no_grad():
+                logp = torch.log_softmax(lm(None, input_ids=ids).logits[0, :-1], -1)
+            start = len(prefix_ids) + len(r.ctx) - 1
+            alone = logp[start:start + len(r.target)].gather(1, torch.tensor(r.target)[:, None]).sum().item()
+            assert got == pytest.approx(alone, abs=1e-4) and n == len(r.target)
