@@ -1,4 +1,5 @@
-"""Strict JSON request bodies: UTF-8, and numbers a double holds (no NaN, Infinity or 1e999).
+"""Strict requests: JSON bodies in UTF-8 with numbers a double holds (no NaN, Infinity or 1e999),
+and no query parameter the route does not take (a misspelt one would be ignored silently).
 
 Python's json module takes NaN and Infinity, which JSON does not have; a number that slipped in
 came back in the 422's echo of the input, and the response encoder refused it (a 500). A body
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 
@@ -32,11 +35,14 @@ def _constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number (JSON has no NaN or Infinity)")
 
 
-def _number(text: str) -> float:
+def _number(text: str) -> float | int:
+    """A JSON number with a fraction or an exponent. JSON has one kind of number, and JSON Schema
+    calls 3.0 an integer: an integral one is read as an int, so a strictly validated int field
+    takes it as it takes 3 (a float field takes either; neither takes true)."""
     x = float(text)
     if not math.isfinite(x):
         raise ValueError(f"{text} is out of range (the largest number is about 1.8e308)")
-    return x
+    return int(x) if x.is_integer() else x
 
 
 def loads(body: bytes) -> Any:
@@ -58,13 +64,26 @@ class StrictJSONRequest(Request):
         return self._json
 
 
-class StrictJSONRoute(APIRoute):
-    """Every router's route class: its handler reads the body as StrictJSONRequest."""
+def query_names(d: Dependant) -> set[str]:
+    """The query parameters a route takes, its dependencies' included."""
+    return {p.alias for p in d.query_params}.union(*(query_names(sub) for sub in d.dependencies))
+
+
+class StrictRoute(APIRoute):
+    """Every router's route class: its handler reads the body as StrictJSONRequest and refuses
+    query parameters the route does not declare (422 naming them)."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
+        known = query_names(self.dependant)
 
         async def strict(request: Request) -> Response:
+            unknown = sorted(set(request.query_params) - known)
+            if unknown:
+                takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
+                raise RequestValidationError([{"loc": ("query", name), "type": "unknown_parameter",
+                                               "msg": f"{self.path} takes no query parameter {name!r}; {takes}"}
+                                              for name in unknown])
             return await handler(StrictJSONRequest(request.scope, request.receive))
 
         return strict

@@ -7,11 +7,13 @@ import math
 import re
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.bodies import BadJSON
 from app.quotas import OverQuota
@@ -106,3 +108,26 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
 async def over_quota(request: Request, exc: OverQuota) -> JSONResponse:
     headers = None if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
     return JSONResponse({"detail": exc.detail}, status_code=429, headers=headers)
+
+
+def _methods_by_path(app) -> list[tuple[re.Pattern, set[str]]]:
+    """Each documented path as a regex, with the methods the OpenAPI schema gives it (HEAD with GET)."""
+    table = []
+    for template, item in app.openapi()["paths"].items():
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        methods = {m.upper() for m in item if m in ("get", "put", "post", "delete", "patch", "options", "head")}
+        table.append((re.compile(f"^{pattern}$"), methods | ({"HEAD"} if "GET" in methods else set())))
+    return table
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's answer to an HTTP error, except that a 405's Allow lists every documented method of
+    the path: Starlette names only those of the first route that matched it (GET /tasks/{id} and
+    DELETE /tasks/{id} are two routes)."""
+    if exc.status_code == 405:
+        state = request.app.state
+        state.methods_by_path = getattr(state, "methods_by_path", None) or _methods_by_path(request.app)
+        allowed = set().union(*(m for rx, m in state.methods_by_path if rx.match(request.url.path)))
+        if allowed:
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(allowed))}
+    return await http_exception_handler(request, exc)

@@ -12,16 +12,19 @@ import redis.asyncio
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import metrics
 from app.adaptations import reap_forever, sender
 from app.batcher import Batcher
-from app.errors import invalid_request, over_quota
+from app.errors import http_error, invalid_request, over_quota
+from app.openapi import service_openapi
 from app.quotas import OverQuota, Quotas
 from app.watcher import StatusWatcher
 from app.limits import BodyLimit
 from app.routes import admin, health, predict, tasks
 from app.worker_calls import call_worker
+from model.bank.store import setting_names
 from model.settings import Settings, get_settings
 from worker.celery_app import make_celery
 from worker.runtime import tokenizer
@@ -105,6 +108,9 @@ def create_app(s: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": f"the service's Redis is unavailable ({type(exc).__name__}); retry"}, status_code=503)
 
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.openapi = lambda: app.openapi_schema or setattr(app, "openapi_schema", service_openapi(app, s, setting_names())) \
+        or app.openapi_schema
     app.add_exception_handler(OverQuota, over_quota)
     metrics.setup(app, app.state.store, s.env == "production" if s.metrics_need_key is None else s.metrics_need_key)
     app.add_middleware(BodyLimit, max_bytes=s.max_request_bytes)

@@ -22,7 +22,7 @@ class Adaptation(BaseModel):
     calibration, and its steps follow from the number of demonstrations. A field given here
     overrides the recipe's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON's true is not 1
 
     mode: Literal["lora", "full", "none"] | None = Field(None, description="lora | full | none (in context only); default lora")
     epochs: float | None = Field(None, ge=0, le=1000, description="passes over the demonstrations; default: the recipe's")
@@ -96,9 +96,9 @@ QueryIn = Annotated[Query, BeforeValidator(_as_query),
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON's true is not 1
 
-    task_id: str = Field(max_length=64)
+    task_id: str = Field(min_length=1, max_length=64)
     inputs: list[QueryIn] = Field(min_length=1, description="texts, or {input, options} for per-query options")
     wait_s: float = Field(0, ge=0, description="wait up to this long (at most predict_wait_max_s) for the task to be ready")
 
@@ -121,7 +121,7 @@ class PredictResponse(BaseModel):
 
 
 class MetaTrainRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON's true is not 1
 
     setting: str = Field(min_length=1, max_length=100, description="task-bank setting to meta-train on")
     method: Literal["maml", "fomaml", "metaicl"] = "maml"

@@ -174,6 +174,40 @@ class Worker:
                 self.proc.wait(10)
 
 
+class Api:
+    """uvicorn serving app.main:app in its own process, as scripts/api.sh runs it, with these settings."""
+
+    def __init__(self, env: dict[str, str] | None = None, name: str = "api"):
+        self.env, self.log = {**ENV, **(env or {})}, TMP / f"{name}.log"
+        self.url = ""
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> str:
+        import httpx
+
+        port = free_port()
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
+                 "--log-level", "warning"], cwd=ROOT, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 60, "uvicorn serving", every=0.2)
+        return self.url
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
 @dataclass
 class OwnService:
     client: Any  # a TestClient of the service's API

@@ -61,3 +61,22 @@ def test_a_422_echoes_at_most_about_a_kilobyte(client):
     assert {".".join(map(str, e["loc"])) for e in errors} >= {"body.demonstrations.0.input", "body.colour"}
     for e in errors:
         assert len(json.dumps(e["input"])) < 1_200 and "75000 characters in all" in e["input"]
+
+
+def test_an_unknown_query_parameter_is_422_naming_it(client):
+    r = client.get("/tasks", params={"limit": 5, "ofset": 10}, headers=auth())
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["query", "ofset"] and "it takes limit, offset" in r.text
+
+
+def test_405_allows_every_method_of_the_path(client):
+    r = client.put("/tasks/abc", headers=auth())
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "HEAD", "DELETE"}, r.headers
+
+
+def test_integral_numbers_are_integers_and_true_is_not_one(client):
+    """JSON has one kind of number: 2.0 is a fine step count; true is no step count at all."""
+    body = {**sentiment(tag="numbers"), "adaptation": {"mode": "none", "seed": 2.0}}
+    assert client.post("/tasks", json=body, headers=auth()).status_code in (200, 202)
+    r = client.post("/tasks", json={**body, "adaptation": {"mode": "none", "seed": True}}, headers=auth())
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "adaptation", "seed"], r.text

@@ -5,15 +5,12 @@ Redis and a real worker: waiting calls hold no thread, a tenant's calls in fligh
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from conftest import ENV, KEY, OTHER_KEY, ROOT, TMP, free_port, sentiment, wait_for
+from conftest import KEY, OTHER_KEY, Api, sentiment
 from test_service_crash import long_body
 
 WAITING = 20  # the quota of calls in flight per tenant, for this API
@@ -22,24 +19,9 @@ FLOOD = 300  # more than the 256 threads a blocking /predict once had
 
 @pytest.fixture(scope="module")
 def api(worker):
-    port = free_port()
-    env = {**os.environ, **ENV, "MAMLSERVE_MAX_WAITING_PREDICTS": str(WAITING), "MAMLSERVE_ADAPT_MAX_STEPS": "400"}
-    with open(TMP / "api.log", "a") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-                                 "--log-level", "warning"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, (TMP / "api.log").read_text()[-3000:]
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, 60, "uvicorn serving", every=0.2)
-    yield url
-    proc.terminate()
-    proc.wait(30)
+    server = Api({"MAMLSERVE_MAX_WAITING_PREDICTS": str(WAITING), "MAMLSERVE_ADAPT_MAX_STEPS": "400"}, name="flood-api")
+    yield server.start()
+    server.stop()
 
 
 async def flood(url: str) -> tuple[list[httpx.Response], list[float], httpx.Response]:

@@ -273,15 +273,18 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def job_config(job: dict[str, Any]):
-    """The run's MetaTrainConfig; tagged with the job so a redelivered job can find its checkpoint."""
+def job_config(job: dict[str, Any], strict: bool = False):
+    """The run's MetaTrainConfig; tagged with the job so a redelivered job can find its checkpoint.
+    strict: validated as the request's JSON is, where true is not 1 (the API checks requests so)."""
     from model.meta_train import MetaTrainConfig
 
     steps = job["hyperparameters"].get("steps")
     steps = steps if isinstance(steps, int) else MetaTrainConfig.model_fields["steps"].default  # bad ones: the config says why
     hp = {"save_every": max(1, steps // 10), **job["hyperparameters"]}  # a lost worker costs <= 10% of the run
-    return MetaTrainConfig(**{**hp, "method": job["method"], "space": job["space"], "setting": job["setting"],
-                              "tag": f"job:{job['id']}"})
+    fields = {**hp, "method": job["method"], "space": job["space"], "setting": job["setting"], "tag": f"job:{job['id']}"}
+    if strict:
+        return MetaTrainConfig.model_validate_json(json.dumps(fields), strict=True)
+    return MetaTrainConfig(**fields)
 
 
 @app.task(name="worker.tasks.meta_train", bind=True, time_limit=S.meta_train_time_limit_s,

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
-from app.bodies import StrictJSONRoute
+from app.bodies import StrictRoute
 from app.deps import CeleryDep, SettingsDep, StoreDep, admin
 from app.errors import ADMIN_ERRORS, invalid, invalid_from, public, public_values
 from app.schemas import Checkpoint, Checkpoints, JobInfo, MetaTrainRequest
@@ -23,8 +23,18 @@ from worker.tasks import job_config
 # The service decides where checkpoints go, which model and device train, and how jobs are tagged.
 SERVICE_OWNED = {"data_dir", "device", "base_model", "tag", "method", "space", "setting"}
 
+def hyperparameters_schema() -> dict[str, Any]:
+    """The meta-training config's fields a request may set (closed: an unknown key is a 422)."""
+    from model.meta_train import MetaTrainConfig  # job_config's module: loaded with the worker glue already
+
+    full = MetaTrainConfig.model_json_schema()
+    return {"type": "object", "additionalProperties": False, "title": "Hyperparameters",
+            "description": "overrides of the meta-training config (model.meta_train.MetaTrainConfig)",
+            "properties": {k: v for k, v in full["properties"].items() if k not in SERVICE_OWNED}}
+
+
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin)], responses=ADMIN_ERRORS,
-                   route_class=StrictJSONRoute)
+                   route_class=StrictRoute)
 
 
 def job_info(rec: dict[str, Any], request: Request) -> JobInfo:
@@ -69,7 +79,7 @@ def meta_train(body: MetaTrainRequest, request: Request, s: SettingsDep, store: 
         if key in SERVICE_OWNED:
             raise invalid(("body", "hyperparameters", key), f"{key} is set by the service, not per job", "not_allowed")
     try:  # the config the worker will build, checked now rather than failing in the queue
-        job_config({**body.model_dump(), "id": job_id})
+        job_config({**body.model_dump(), "id": job_id}, strict=True)
     except ValidationError as e:
         raise invalid_from(e, ("body", "hyperparameters")) from e
     check_bank(s, body.setting)

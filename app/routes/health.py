@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response, status
 from pydantic import BaseModel, Field
 
-from app.bodies import StrictJSONRoute
+from app.bodies import StrictRoute
 from app.deps import CeleryDep, SettingsDep, StoreDep
 
-router = APIRouter(tags=["health"], route_class=StrictJSONRoute)
+router = APIRouter(tags=["health"], route_class=StrictRoute)
 
 
 class Health(BaseModel):

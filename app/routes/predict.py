@@ -12,7 +12,7 @@ import anyio.to_thread
 from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import ValidationError
 
-from app.bodies import StrictJSONRoute
+from app.bodies import StrictRoute
 from app.deps import SettingsDep, StoreDep, TenantDep
 from app.errors import ERRORS, invalid, invalid_from, public
 from app.limits import predict_tokens
@@ -22,7 +22,7 @@ from app.watcher import UNDERWAY
 from model.settings import Settings
 from model.task import Limits, Query
 
-router = APIRouter(tags=["predict"], route_class=StrictJSONRoute)
+router = APIRouter(tags=["predict"], route_class=StrictRoute)
 
 
 def parse_queries(body: PredictRequest, s: Settings, count_tokens) -> list[Query]:

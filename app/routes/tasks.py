@@ -12,7 +12,7 @@ from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
 from app.adaptations import enqueue, new_run, retry_failed, sender
-from app.bodies import StrictJSONRoute
+from app.bodies import StrictRoute
 from app.deps import CeleryDep, SettingsDep, StoreDep, TenantDep
 from app.errors import ERRORS, invalid, invalid_from, public
 from app.quotas import check_weights
@@ -23,7 +23,7 @@ from model.task import Limits, validate_task
 from worker import checkpoints
 from worker.store import BASE, content_hash, now, weights_key
 
-router = APIRouter(prefix="/tasks", tags=["tasks"], route_class=StrictJSONRoute)
+router = APIRouter(prefix="/tasks", tags=["tasks"], route_class=StrictRoute)
 
 
 def info(rec: dict[str, Any], request: Request) -> TaskInfo:
