@@ -91,7 +91,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
 
     app.state.replies = redis.asyncio.Redis.from_url(s.redis_url, decode_responses=True)
     app.state.watcher = StatusWatcher(app.state.store)
-    app.state.quotas = Quotas(app.state.store.r)
+    app.state.quotas = Quotas(app.state.replies)
 
     async def send(task_id: str, groups: list) -> list:
         reply = await call_worker(app.state.celery, app.state.replies, s.predict_timeout_s, "worker.tasks.predict",

@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-import anyio.to_thread
-import redis
+import redis.asyncio
 
 from worker.store import SLOTS, Store, now, retrying
 
@@ -49,29 +48,32 @@ def check_weights(store: Store, tenant: str, mode: str, limit: int) -> None:
 
 
 class Quotas:
-    def __init__(self, r: redis.Redis):
+    """Slots on the event loop (redis.asyncio): a refused call costs one Redis round trip and no
+    thread, so a flood of refusals leaves the loop free for everyone else."""
+
+    def __init__(self, r: redis.asyncio.Redis):
         self.r = r
         self._take = r.register_script(_TAKE)
 
     @retrying
-    def take(self, tenant: str, kind: str, limit: int, lease_s: float) -> str | None:
+    async def take(self, tenant: str, kind: str, limit: int, lease_s: float) -> str | None:
         """A lease on one of the tenant's `limit` slots of this kind, or None when all are held."""
         lease, t = uuid.uuid4().hex, now()
-        ok = self._take(keys=[f"{SLOTS}{kind}:{tenant}"], args=[t, limit, t + lease_s, lease, int(lease_s) + 60])
+        ok = await self._take(keys=[f"{SLOTS}{kind}:{tenant}"], args=[t, limit, t + lease_s, lease, int(lease_s) + 60])
         return lease if ok else None
 
     @retrying
-    def give_back(self, tenant: str, kind: str, lease: str) -> None:
-        self.r.zrem(f"{SLOTS}{kind}:{tenant}", lease)
+    async def give_back(self, tenant: str, kind: str, lease: str) -> None:
+        await self.r.zrem(f"{SLOTS}{kind}:{tenant}", lease)
 
     @asynccontextmanager
     async def slot(self, tenant: str, kind: str, limit: int, lease_s: float, what: str) -> AsyncIterator[None]:
         """Hold one of the tenant's slots for the block; OverQuota when all `limit` are held."""
-        lease = await anyio.to_thread.run_sync(self.take, tenant, kind, limit, lease_s)
+        lease = await self.take(tenant, kind, limit, lease_s)
         if lease is None:
             raise OverQuota(f"{limit} {what} of this tenant are in flight; the limit is {limit}: retry when one is done")
         try:
             yield
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.give_back, tenant, kind, lease)
+                await self.give_back(tenant, kind, lease)

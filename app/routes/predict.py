@@ -58,14 +58,16 @@ async def predict(body: PredictRequest, request: Request, who: TenantDep, s: Set
     429 (with Retry-After) while this tenant already has max_waiting_predicts calls in flight.
     """
     state = request.app.state
-    queries = await anyio.to_thread.run_sync(parse_queries, body, s, state.count_tokens)
-    rec = await anyio.to_thread.run_sync(owned, store, body.task_id, who)
-    cost = await anyio.to_thread.run_sync(predict_tokens, rec["task"], queries, state.count_tokens, s.max_new_tokens)
-    if cost > s.max_predict_tokens:
-        raise invalid(("body", "inputs"), f"this call scores {cost} tokens (each input with each of its options); the "
-                      f"limit is {s.max_predict_tokens}: send fewer inputs, or shorter or fewer options, per call", "too_costly")
-    lease_s = body.wait_s + s.predict_timeout_s + 60
+    lease_s = min(body.wait_s, s.predict_wait_max_s) + s.predict_timeout_s + 60  # wait_s is checked in the slot
+    # The slot first: a call over the quota is refused for one Redis round trip, before any work.
     async with state.quotas.slot(who, "predict", s.max_waiting_predicts, lease_s, "/predict calls"):
+        queries = await anyio.to_thread.run_sync(parse_queries, body, s, state.count_tokens)
+        rec = await anyio.to_thread.run_sync(owned, store, body.task_id, who)
+        cost = await anyio.to_thread.run_sync(predict_tokens, rec["task"], queries, state.count_tokens, s.max_new_tokens)
+        if cost > s.max_predict_tokens:
+            raise invalid(("body", "inputs"), f"this call scores {cost} tokens (each input with each of its options); the "
+                          f"limit is {s.max_predict_tokens}: send fewer inputs, or shorter or fewer options, per call",
+                          "too_costly")
         if rec["status"] in UNDERWAY and body.wait_s > 0:
             await state.watcher.wait(body.task_id, body.wait_s)
             rec = await anyio.to_thread.run_sync(owned, store, body.task_id, who)
