@@ -61,6 +61,8 @@ class StrictJSONRequest(Request):
                 self._json = loads(await self.body())
             except ValueError as e:  # json.JSONDecodeError included
                 self._json = BadJSON(str(e))
+            except RecursionError:  # [[[[...]]]] deeper than the parser's stack: no request needs that
+                self._json = BadJSON("arrays or objects nested too deeply")
         return self._json
 
 

@@ -105,7 +105,8 @@ def create_app(s: Settings | None = None) -> FastAPI:
     @app.exception_handler(redis.TimeoutError)
     @app.exception_handler(kombu.exceptions.OperationalError)
     async def unavailable(request, exc):  # after tenacity's retries: say so instead of a bare 500
-        return JSONResponse({"detail": f"the service's Redis is unavailable ({type(exc).__name__}); retry"}, status_code=503)
+        return JSONResponse({"detail": f"the service's Redis is unavailable ({type(exc).__name__}); retry"},
+                            status_code=503, headers={"Retry-After": "2"})
 
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -13,9 +13,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
+import redis
 import redis.asyncio
+from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
 from worker.store import SLOTS, Store, now, retrying
+
+once_more = retry(retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)), stop=stop_after_attempt(2),
+                  reraise=True)
 
 # Drop expired leases, then take one if fewer than the limit are held. KEYS: the set.
 # ARGV: now, limit, the lease's expiry, its id, the set's own TTL.
@@ -55,9 +60,12 @@ class Quotas:
         self.r = r
         self._take = r.register_script(_TAKE)
 
-    @retrying
+    @once_more
     async def take(self, tenant: str, kind: str, limit: int, lease_s: float) -> str | None:
-        """A lease on one of the tenant's `limit` slots of this kind, or None when all are held."""
+        """A lease on one of the tenant's `limit` slots of this kind, or None when all are held.
+        Tried twice, at once (a pooled connection gone stale with a Redis restart), not with backoff:
+        with Redis away, a flood of callers retrying inside the API is a storm on its event loop
+        (/healthz took 1.3 s in bench/chaos.py); they get a 503 with Retry-After and retry from there."""
         lease, t = uuid.uuid4().hex, now()
         ok = await self._take(keys=[f"{SLOTS}{kind}:{tenant}"], args=[t, limit, t + lease_s, lease, int(lease_s) + 60])
         return lease if ok else None

@@ -37,7 +37,8 @@ def test_bad_json_names_what_is_wrong(client):
     cases = [(b'{"task_id": "x", "inputs": ["a"], "wait_s": NaN}', "NaN"),
              (b'{"task_id": "x", "inputs": ["a"], "wait_s": 1e999}', "1e999"),
              (b'{"task_id": "x", "inputs": ["a"]', "line 1 column"),
-             ('{"task_id": "x", "inputs": ["caf\u00e9"]}'.encode("latin-1"), "UTF-8")]
+             ('{"task_id": "x", "inputs": ["caf\u00e9"]}'.encode("latin-1"), "UTF-8"),
+             (b"[" * 100_000, "nested too deeply")]
     for raw, says in cases:
         r = client.post("/predict", content=raw, headers=h)
         assert r.status_code == 422 and says in r.json()["detail"][0]["msg"], (raw, r.text)

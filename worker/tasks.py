@@ -205,10 +205,11 @@ def _answer(reply: str, task_id: str, fn) -> None:
     """Run fn(runtime, record) and push its result, or the error as a status and message, to the reply list."""
     rt = runtime()
     key = REPLY + reply
-    rec = rt.store.task(task_id)
+    # Patient: the caller waits on its reply list through a Redis restart, so the answer should come.
+    rec = patient(rt.store.task)(task_id)
     if rec is None:
-        return _reply(rt.store, key, {"status": 404, "error": f"task {task_id} not found"})
-    _reply(rt.store, key, _safely(lambda: fn(rt, rec), task_id))
+        return patient(_reply)(rt.store, key, {"status": 404, "error": f"task {task_id} not found"})
+    patient(_reply)(rt.store, key, _safely(lambda: fn(rt, rec), task_id))
 
 
 def _safely(fn, task_id: str) -> dict[str, Any]:
