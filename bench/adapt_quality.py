@@ -52,10 +52,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import model  # noqa: E402,F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+import torch  # noqa: E402
 from model.adapt import adapt  # noqa: E402
 from model.bank import kshot, load_bank  # noqa: E402
 from model.evaluate import fitting, paired  # noqa: E402
