@@ -105,15 +105,15 @@ def test_recover_puts_back_what_a_dead_worker_left(redis_servers):
 def deployed(redis_servers):
     """Two workers and an API as deployed: the broker redelivers a lost message only after the
     production visibility timeout (hours), so what recovers a run within a test is the reaper."""
-    with own_service(db=3, workers=2, visibility_timeout_s="0", adapt_max_steps="400") as service:
+    with own_service(db=3, workers=2, visibility_timeout_s="0", adapt_max_steps="600") as service:
         yield service
 
 
 def test_reaper_queues_again_only_the_run_whose_own_worker_died(deployed):
     """Another worker dying leaves a running adaptation alone; its own worker dying gets it queued
-    again (no broker redelivery for hours) and finished by the other worker, once."""
+    again (no broker redelivery for hours), and a worker started later finishes it, once."""
     client, store = deployed.client, deployed.client.app.state.store
-    tid = long_task(client, "reaper", steps=400)
+    tid = long_task(client, "reaper", steps=600)
     runner = deployed.runner(tid)
     idle = next(w for w in deployed.workers if w is not runner)
     run = store.task(tid)["run"]
@@ -123,11 +123,13 @@ def test_reaper_queues_again_only_the_run_whose_own_worker_died(deployed):
     rec = store.task(tid)
     assert rec["status"] == "adapting" and rec["run"] == run and rec["attempts"] == 1, rec
 
-    idle.start()
     runner.kill()
+    requeued = wait_for(lambda: (r := store.task(tid))["run"] != run and r, 30, "the run queued again")
+    assert requeued["status"] == "queued" and requeued["attempts"] == 1, requeued
+    idle.start()
     done = wait_status(client, tid, timeout=300)
     rec = store.task(tid)
-    assert done["progress"]["step"] == 400 and rec["run"] != run
+    assert done["progress"]["step"] == 600 and rec["run"] == requeued["run"]
     assert rec["attempts"] == 2 and rec["completions"] == 1 and rec["worker"] in idle.processes()
     runner.start()
 
