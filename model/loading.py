@@ -26,6 +26,7 @@ from model.lm import LM, LoraSpec  # noqa: E402
 SMOLLM2 = "smollm2"
 TINY = "tiny"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the bundled GGUF quantizes
 
 
 class ModelLoadError(ValueError):
@@ -92,6 +93,22 @@ def model_folder(spec: str, data_dir: Path) -> Path:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
     return path
+
+
+def base_id(spec: str, data_dir: Path) -> str:
+    """The base model's Hugging Face id, for adapters to name (PEFT's base_model_name_or_path):
+    SmolLM2's for the embedded model; a folder's `_name_or_path` when it is a hub id, else the
+    folder's name; "tiny" for the test model."""
+    if spec == SMOLLM2:
+        return SMOLLM2_HF_ID
+    if spec == TINY:
+        return TINY
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        named = json.loads((path / "config.json").read_text()).get("_name_or_path") or ""
+        if named.count("/") == 1 and not Path(named).exists():
+            return named
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 def load_tokenizer(spec: str, data_dir: Path):

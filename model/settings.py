@@ -70,6 +70,14 @@ class Settings(BaseSettings):
                                    "hold (LoRA in the cache, full-mode deltas on disk); an adaptation beyond it fails")
     max_predict_tokens: int = Field(32_768, ge=1, description="per /predict call: tokens scored, over its inputs and "
                                     "each input's options (input + option; input + max_new_tokens to generate)")
+    max_requests_per_minute: int = Field(600, ge=1, description="per tenant: authenticated requests in any 60 s")
+    max_tasks: int = Field(1000, ge=1, description="per tenant: task records held (DELETE /tasks/{id} frees one)")
+    max_adapt_seconds_per_hour: float = Field(3600.0, gt=0, description="per tenant: worker seconds of adaptation "
+                                              "in any hour; a new adaptation beyond it waits (429 with Retry-After)")
+    max_event_streams: int = Field(16, ge=1, description="per tenant: GET /tasks/{id}/events streams open at once")
+    max_adapter_bytes: int = Field(64_000_000, ge=1, description="an adapter zip brought to POST /tasks (413 beyond)")
+    max_completion_tokens: int = Field(256, ge=1, description="/v1 completions: the most max_tokens may ask for")
+    idempotency_ttl_s: int = Field(24 * 3600, ge=1, description="how long an Idempotency-Key's first answer is kept")
     adapt_time_limit_s: int = 1800
     meta_train_time_limit_s: int = 6 * 3600
     visibility_timeout_s: int = 0  # broker redelivery of unacked tasks; 0: the longest hard time limit + 10 min

@@ -36,6 +36,8 @@ def make_celery(s: Settings | None = None) -> Celery:
         task_routes={
             "worker.tasks.predict": {"queue": "predict"},
             "worker.tasks.adapter": {"queue": "predict"},
+            "worker.tasks.generate": {"queue": "predict"},
+            "worker.tasks.import_adapter": {"queue": "predict"},
             "worker.tasks.adapt": {"queue": "adapt"},
             "worker.tasks.meta_train": {"queue": "meta"},
         },

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,8 @@ import torch
 from model import weights
 from model.adapt import AdamState, Adapted, adapt, start_params
 from model.lm import LM, LoraSpec, Params
-from model.loading import file_sha256, load_lm, load_tokenizer, model_folder
+from model.generation import Piece, Sampling, stream
+from model.loading import SMOLLM2, base_id, file_sha256, load_lm, load_tokenizer, model_folder
 from model.prompts import Formatter, Row, longest
 from model.recipe import Recipe
 from model.scoring import Prediction, Prefix, encode_prefix, in_context, option_prior, predict
@@ -90,6 +91,19 @@ def _prior(meta: dict[str, str] | None) -> dict[str, float] | None:
     return json.loads((meta or {}).get("prior", "null"))
 
 
+class Refused(Exception):
+    """What was asked cannot be done for this task (409), and why."""
+
+
+def base_info(s: Settings, lm: LM) -> dict[str, str]:
+    """The base model as exports name it: its Hugging Face id, the sha256 of its weights, and
+    where the service keeps it (relative to the data dir: no server path leaves the service)."""
+    info = {"id": base_id(s.base_model, s.data_dir), "name": lm.name, "sha256": lm.sha256}
+    if s.base_model == SMOLLM2:
+        info["folder"] = f"$MAMLSERVE_DATA_DIR/models/{model_folder(s.base_model, s.data_dir).name}"
+    return info
+
+
 class Runtime:
     def __init__(self, s: Settings):
         self.s = s
@@ -103,6 +117,7 @@ class Runtime:
         self.cache = redis.Redis.from_url(s.cache_redis_url, health_check_interval=30)
         self.lru: OrderedDict[str, Entry] = OrderedDict()
         self.ckpts: OrderedDict[str, tuple[Params, AdamState | None]] = OrderedDict()
+        self.base = base_info(s, self.lm)
 
     # --- checkpoints
     def checkpoint_state(self, ckpt: str) -> tuple[Params, AdamState | None]:
@@ -174,6 +189,14 @@ class Runtime:
             task = Task.model_validate(rec["task"])
             prior = option_prior(self.lm, task, ck or None, recipe, self.fmt) if recipe.calibrate else None
             return self._remember(digest, Entry(dict(ck), {}, prior))
+        if rec["mode"] == "lora" and rec.get("imported"):  # kept on disk: nothing could adapt it again
+            path = Path(rec.get("weights_path") or "")
+            if not path.is_file() or file_sha256(path) != rec.get("weights_sha256"):
+                raise Refused("the imported adapter's weights are gone from the server: delete the task and import "
+                              "the adapter again")
+            lora, meta = weights.load_meta(path, self.lm.device)
+            self.store.count("weights_hit_disk")
+            return self._remember(digest, Entry({**ck, **lora}, lora, _prior(meta)))
         if rec["mode"] == "lora":
             data = self.cache.get(weights_key(ckpt, digest))
             if data is None:
@@ -201,6 +224,7 @@ class Runtime:
         t0 = time.monotonic()
         result = self.run_adaptation(rec)
         self.store.observe_adaptation(time.monotonic() - t0)
+        self.store.add_adapt_seconds(rec["tenant"], time.monotonic() - t0)
         self.store.count("readaptations")
         pointer = self.store_weights(rec, result)
         if pointer:
@@ -214,6 +238,17 @@ class Runtime:
             Path(rec["weights_path"]).unlink(missing_ok=True)
 
     # --- prediction
+    def _prefix(self, entry: Entry, task: Task, recipe: Recipe, rows: list[Row]):
+        """The prompt prefix (instruction + the recipe's demonstrations that fit beside the rows),
+        encoded once per task and count of demonstrations."""
+        shown = in_context(task, recipe)
+        ids, used = self.fmt.prefix(shown.instruction, shown.demonstrations, longest(rows))
+        prefix = entry.prefixes.get(used)
+        if prefix is None:
+            with torch.no_grad():
+                prefix = entry.prefixes[used] = encode_prefix(self.lm, ids, entry.params or None, used)
+        return prefix
+
     def predict(self, rec: dict[str, Any], queries: list[Query]) -> list[Prediction]:
         task = Task.model_validate(rec["task"])
         recipe = recipe_of(rec)
@@ -226,22 +261,67 @@ class Runtime:
                 rows += self.fmt.candidates(q.input, opts)
             else:
                 rows.append(Row(self.fmt.row(q.input, "").ctx, [0] * n_new))
-        # The prefix (instruction + the recipe's demonstrations that fit) is encoded once per task and count.
-        shown = in_context(task, recipe)
-        ids, used = self.fmt.prefix(shown.instruction, shown.demonstrations, longest(rows))
-        prefix = entry.prefixes.get(used)
-        if prefix is None:
-            with torch.no_grad():
-                prefix = entry.prefixes[used] = encode_prefix(self.lm, ids, entry.params or None, used)
+        prefix = self._prefix(entry, task, recipe, rows)
         return predict(self.lm, task, queries, params=entry.params or None, recipe=recipe, prior=entry.prior,
                        fmt=self.fmt, prefix=prefix, max_new_tokens=n_new)
 
-    def adapter_zip(self, rec: dict[str, Any]) -> bytes | None:
-        """The task's LoRA (adapted, or the checkpoint's for in-context tasks) as a PEFT zip; None without one."""
-        if rec["mode"] == "full":
-            return None  # its LoRA, if any, is not what the task learned
+    def generate(self, rec: dict[str, Any], text: str, sp: Sampling,
+                 stopped: Callable[[], bool] = lambda: False) -> Iterator[Piece]:
+        """Generated text for one input, in pieces (model.generation.stream), with the task's weights and prefix."""
+        task = Task.model_validate(rec["task"])
         entry = self.ensure_weights(rec)
-        names = set(self.lm.lora_names)
-        lora = {k: v for k, v in entry.params.items() if k in names}
-        return weights.peft_zip(self.lm, lora) if len(lora) == len(names) else None
+        ctx = self.fmt.row(text, "").ctx
+        prefix = self._prefix(entry, task, recipe_of(rec), [Row(ctx, [0] * sp.max_tokens)])
+        return stream(self.lm, prefix, ctx, entry.params or None, sp, stopped)
+
+    # --- adapters out and in
+    def _info(self, rec: dict[str, Any], entry: Entry, kind: str) -> dict[str, Any]:
+        task = rec["task"]
+        return {"format": kind, "base_model": self.base, "task_id": rec["id"], "checkpoint": rec["checkpoint"],
+                "mode": rec["mode"], "prompt_format": self.s.prompt_format, "recipe": recipe_of(rec).to_dict(),
+                "instruction": task.get("instruction"), "options": task.get("options"), "prior": entry.prior}
+
+    def export(self, rec: dict[str, Any], kind: str = "auto") -> tuple[str, bytes]:
+        """What the task predicts with, zipped: `lora`, a PEFT adapter folder on the base model, or
+        `full`, a Hugging Face model folder (its full-mode weights, or a full-space checkpoint's, any
+        LoRA merged in). `auto`: the LoRA where one holds all of it. Refused (with why) where the
+        task has no weights of its own, or a LoRA cannot hold what it predicts with."""
+        if rec["mode"] == "none" and rec["checkpoint"] == BASE:
+            raise Refused(f"this task runs in context on the base model {self.base['id']!r}: it has no weights of its "
+                          "own to export (its instruction and demonstrations are the whole task)")
+        entry = self.ensure_weights(rec)
+        lora_names = set(self.lm.lora_names)
+        changes_base = any(k not in lora_names for k in entry.params)
+        if kind == "lora" and changes_base:
+            why = "it was adapted in full mode" if rec["mode"] == "full" else \
+                f"it starts from checkpoint {rec['checkpoint']}, meta-trained in the full space"
+            raise Refused(f"a LoRA cannot hold what this task predicts with: {why}, which changes the base model's own "
+                          "weights; ask for format=full (a Hugging Face model folder)")
+        kind = ("full" if changes_base else "lora") if kind == "auto" else kind
+        info = self._info(rec, entry, kind)
+        if kind == "full":
+            return kind, weights.zip_files(weights.full_files(self.lm, weights.merged(self.lm, entry.params), info))
+        lora = {n: entry.params[n] if n in entry.params else torch.zeros_like(p) for n, p in self.lm.params("lora").items()}
+        return kind, weights.peft_zip(self.lm, lora, self.base["id"], info)
+
+    def import_adapter(self, rec: dict[str, Any], data: bytes, max_bytes: int) -> dict[str, Any]:
+        """Check a PEFT adapter zip against this base and store it on disk for the task (a record not
+        created yet): the record fields that point at it. AdapterError says what does not fit."""
+        files = weights.read_zip(data, max_bytes)
+        try:
+            cfg = json.loads(files[weights.CONFIG])
+            info = json.loads(files.get(weights.INFO, b"{}"))
+            if not isinstance(cfg, dict) or not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+            tensors = weights.from_bytes(files[weights.WEIGHTS])
+        except Exception as e:  # noqa: BLE001 (JSON, UTF-8 and safetensors each raise their own)
+            raise weights.AdapterError(f"the adapter's files are unreadable: {type(e).__name__}: {e}") from None
+        weights.check_base(cfg, info, self.base)
+        lora = {k: v.to(self.lm.device) for k, v in weights.fit_lora(self.lm, cfg, tensors).items()}
+        recipe, task = recipe_of(rec), Task.model_validate(rec["task"])
+        ck = self.checkpoint(rec["checkpoint"])
+        prior = option_prior(self.lm, task, {**ck, **lora}, recipe, self.fmt) if recipe.calibrate else None
+        path = Path(self.s.data_dir) / "weights" / "imported" / f"{rec['hash']}.safetensors"
+        weights.save(lora, path, _meta(prior))
+        return {"weights_path": str(path), "weights_sha256": file_sha256(path), "weights_bytes": path.stat().st_size}
 

@@ -28,6 +28,9 @@ USAGE = "ms:usage:"  # + tenant -> hash: weights_bytes, what the tenant's tasks 
 SIZES = "ms:weights_size"  # hash: mode -> bytes of the last weights stored in that mode (the API's estimate)
 SLOTS = "ms:slots:"  # + kind:tenant -> zset of leases (request id -> expiry): app/quotas.py
 PENDING = "ms:pending"  # zset: ids of queued or adapting tasks (what the reaper looks at), by last change
+ADAPT_S = "ms:adapt_s:"  # + tenant:minute -> adaptation seconds the tenant's runs took in that minute (expire in 1 h)
+IDEM = "ms:idem:"  # + scope:key -> the first answer to a request with that Idempotency-Key
+CANCEL = "ms:cancel:"  # + reply -> set when the caller of a streamed generation went away
 
 BASE = "base"  # the checkpoint id of the base model (no meta-training)
 ADAPT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -40,10 +43,12 @@ retrying = retry(
     reraise=True,
 )
 
-# Create a task record unless one exists: atomic, so two identical requests make one task.
+# Create a task record unless one exists: atomic, so two identical requests make one task, and
+# two concurrent new ones cannot take a tenant past its number of tasks (-1: over it).
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return -1 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 if redis.call('HGET', KEYS[1], 'status') == '"queued"' then redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2]) end
 return 1
@@ -124,12 +129,15 @@ class Store:
 
     # --- tasks
     @retrying
-    def create_task(self, task_id: str, tenant: str, fields: dict[str, Any]) -> bool:
+    def create_task(self, task_id: str, tenant: str, fields: dict[str, Any], max_tasks: int | None = None) -> bool | None:
+        """True: created; False: a record with this id exists; None: the tenant holds max_tasks already."""
         created = now()
-        return bool(self._create(
+        got = int(self._create(
             keys=[TASK + task_id, TENANT + tenant, PENDING],
-            args=[created, task_id, *_flat({"id": task_id, "tenant": tenant, "created_at": created, **fields})],
+            args=[created, task_id, max_tasks if max_tasks is not None else 2**53,
+                  *_flat({"id": task_id, "tenant": tenant, "created_at": created, **fields})],
         ))
+        return None if got < 0 else bool(got)
 
     # one record (task or job hash): read it; update fields only while it exists
     @retrying
@@ -189,13 +197,25 @@ class Store:
         self.r.zrem(PENDING, task_id)
 
     @retrying
-    def list_tasks(self, tenant: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
-        ids = self.r.zrevrange(TENANT + tenant, offset, offset + limit - 1)
+    def list_tasks(self, tenant: str, offset: int, limit: int, status: set[str] | None = None) -> tuple[list[dict[str, Any]], int]:
+        """A page of the tenant's tasks, newest first, and how many there are; with `status`, of
+        those in these statuses (the statuses of all its tasks are read: a tenant holds max_tasks at most)."""
+        if not status:
+            return self._records(TASK, self.r.zrevrange(TENANT + tenant, offset, offset + limit - 1)), \
+                int(self.r.zcard(TENANT + tenant))
+        ids = self.r.zrevrange(TENANT + tenant, 0, -1)
+        kept = [i for i, st in zip(ids, self.statuses(ids)) if st in status]
+        return self._records(TASK, kept[offset: offset + limit]), len(kept)
+
+    def _records(self, prefix: str, ids: list[str]) -> list[dict[str, Any]]:
         pipe = self.r.pipeline()
         for i in ids:
-            pipe.hgetall(TASK + i)
-        items = [_decode(raw) for raw in pipe.execute() if raw]
-        return items, int(self.r.zcard(TENANT + tenant))
+            pipe.hgetall(prefix + i)
+        return [_decode(raw) for raw in pipe.execute() if raw]
+
+    @retrying
+    def count_tasks(self, tenant: str) -> int:
+        return int(self.r.zcard(TENANT + tenant))
 
     @retrying
     def delete_task(self, task_id: str, tenant: str) -> bool:
@@ -231,6 +251,20 @@ class Store:
     def usage(self, tenant: str, what: str) -> int:
         return int(self.r.hget(USAGE + tenant, what) or 0)
 
+    @retrying
+    def add_adapt_seconds(self, tenant: str, seconds: float) -> None:
+        """Count a run's worker seconds in the minute it ended (kept an hour: app/quotas.py sums them)."""
+        key = f"{ADAPT_S}{tenant}:{int(now() // 60)}"
+        self.r.pipeline().incrbyfloat(key, seconds).expire(key, 3660).execute()
+
+    @retrying
+    def adapt_seconds(self, tenant: str) -> list[tuple[float, float]]:
+        """(minute's start, seconds) of the tenant's adaptations in the last hour, oldest first."""
+        minute = int(now() // 60)
+        minutes = list(range(minute - 59, minute + 1))
+        got = self.r.mget([f"{ADAPT_S}{tenant}:{m}" for m in minutes])
+        return [(m * 60.0, float(v)) for m, v in zip(minutes, got) if v]
+
     # --- meta-training jobs
     @retrying
     def create_job(self, job_id: str, fields: dict[str, Any]) -> None:
@@ -240,6 +274,13 @@ class Store:
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         return self._get(JOB + job_id)
+
+    @retrying
+    def list_jobs(self, offset: int, limit: int, state: set[str] | None = None) -> tuple[list[dict[str, Any]], int]:
+        """A page of the meta-training jobs, newest first, and how many there are (in these states)."""
+        jobs = self._records(JOB, self.r.zrevrange(JOBS, 0, -1))  # a few runs a day: reading all is cheap
+        kept = [j for j in jobs if not state or j.get("state") in state]
+        return kept[offset: offset + limit], len(kept)
 
     def update_job(self, job_id: str, **fields: Any) -> bool:
         return self._set(JOB + job_id, fields)

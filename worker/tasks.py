@@ -24,13 +24,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from model.generation import Sampling
 from model.prompts import PromptTooLong
 from model.settings import get_settings
 from model.task import Query
 from worker.celery_app import app
 from worker.checkpoints import CheckpointError
-from worker.runtime import Runtime
-from worker.store import REPLY, Store, now, retrying, weights_key
+from worker.runtime import Refused, Runtime
+from worker.store import CANCEL, REPLY, Store, now, retrying, weights_key
 
 log = logging.getLogger(__name__)
 S = get_settings()
@@ -158,7 +159,10 @@ def _adapt(rt: Runtime, rec: dict[str, Any], run: str | None) -> str:
 
     t0 = time.monotonic()
     try:
-        result = rt.run_adaptation(rec, on_step)
+        try:
+            result = rt.run_adaptation(rec, on_step)
+        finally:  # the worker's time is spent whether the run ends well or not
+            st.add_adapt_seconds(rec["tenant"], time.monotonic() - t0)
         pointer = patient(rt.store_weights)(rec, result)
         size = patient(_weights_size)(rt, rec, pointer)
         st.note_weights_size(rec["mode"], size)
@@ -167,7 +171,8 @@ def _adapt(rt: Runtime, rec: dict[str, Any], run: str | None) -> str:
             return fail(f"the adapted weights ({size} bytes) would take this tenant's stored weights over the limit of "
                         f"{S.max_weights_bytes} bytes: delete tasks to make room, then post this one again")
         done = patient(st.finish_task)(task_id, run, finished_at=now(), loss_before=result.loss_before,
-                                       loss_after=result.loss_after, weights_bytes=size, **pointer)
+                                       loss_after=result.loss_after, weights_bytes=size,
+                                       adapt_seconds=round(time.monotonic() - t0, 3), **pointer)
     except Gone:
         return "deleted"
     except TRANSIENT:  # a Redis stayed away: the record still says adapting, the reaper queues it again
@@ -216,13 +221,51 @@ def _safely(fn, task_id: str) -> dict[str, Any]:
     """fn()'s answer, or its error as the status and message the API returns."""
     try:
         return fn()
-    except (PromptTooLong, CheckpointError, ValueError) as e:
-        return {"status": 422, "error": str(e)}
-    except TRANSIENT as e:  # the cache Redis restarting: the caller retries
-        return {"status": 503, "error": f"the service's Redis is unavailable ({type(e).__name__}); retry"}
     except Exception as e:
-        log.exception("request on %s failed", task_id)
-        return {"status": 500, "error": f"{type(e).__name__}: {e}"}
+        return _error(e, task_id)
+
+
+def _error(e: Exception, task_id: str) -> dict[str, Any]:
+    if isinstance(e, Refused):
+        return {"status": 409, "error": str(e)}
+    if isinstance(e, (PromptTooLong, CheckpointError, ValueError)):
+        return {"status": 422, "error": str(e)}
+    if isinstance(e, TRANSIENT):  # the cache Redis restarting: the caller retries
+        return {"status": 503, "error": f"the service's Redis is unavailable ({type(e).__name__}); retry"}
+    log.exception("request on %s failed", task_id, exc_info=e)
+    return {"status": 500, "error": f"{type(e).__name__}: {e}"}
+
+
+BACKLOG = 8  # messages of a stream waiting in Redis for the API: the worker makes no more until it takes some
+STALL_S = 60.0  # a stream nobody reads for this long is abandoned
+
+
+def _stream(reply: str, task_id: str, fn) -> None:
+    """Run fn(runtime, record, stopped), an iterator of messages, pushing each to the reply list as
+    it comes, and a last one with end=True: fn's last (it says end itself) or the error, as a status
+    and why. Stops as soon as the caller went away (the API sets the cancel key), or stops reading."""
+    rt = runtime()
+    key, cancel = REPLY + reply, CANCEL + reply
+    rec = patient(rt.store.task)(task_id)
+    if rec is None:
+        return patient(_reply)(rt.store, key, {"status": 404, "error": f"task {task_id} not found", "end": True})
+
+    def stopped() -> bool:
+        return bool(rt.store.r.exists(cancel))
+
+    try:
+        for msg in fn(rt, rec, stopped):
+            waited = 0.0
+            while rt.store.r.llen(key) >= BACKLOG:
+                if stopped() or waited > STALL_S:
+                    return
+                time.sleep(0.05)
+                waited += 0.05
+            if stopped():
+                return
+            patient(_reply)(rt.store, key, msg)
+    except Exception as e:
+        patient(_reply)(rt.store, key, {**_error(e, task_id), "end": True})
 
 
 # acks_late off: a lost prediction is retried by its caller, not replayed an hour later.
@@ -252,15 +295,41 @@ def predict(task_id: str, groups: list[list[dict[str, Any]]], reply: str) -> Non
     _answer(reply, task_id, run)
 
 
-@app.task(name="worker.tasks.adapter", acks_late=False, ignore_result=True)
-def adapter(task_id: str, reply: str) -> None:
-    def run(rt: Runtime, rec: dict[str, Any]) -> dict[str, Any]:
-        data = rt.adapter_zip(rec)
-        if data is None:
-            return {"status": 409, "error": "this task's weights hold no LoRA adapter"}
-        return {"zip_b64": base64.b64encode(data).decode()}
+@app.task(name="worker.tasks.generate", acks_late=False, ignore_result=True)
+def generate(task_id: str, text: str, sampling: dict[str, Any], reply: str) -> None:
+    """Generated text for one input, streamed: {text, tokens} pieces, the last with finish and end."""
+    def run(rt: Runtime, rec: dict[str, Any], stopped):
+        t0 = time.monotonic()
+        for piece in rt.generate(rec, text, Sampling(**{**sampling, "stop": tuple(sampling.get("stop") or ())}), stopped):
+            yield {"text": piece.text, "tokens": piece.tokens, "finish": piece.finish, "end": piece.finish is not None}
+        rt.store.count("generations")
+        rt.store.count("predict_seconds_sum", time.monotonic() - t0)
 
-    _answer(reply, task_id, run)
+    _stream(reply, task_id, run)
+
+
+CHUNK = 4 << 20  # bytes of an export per message
+
+
+@app.task(name="worker.tasks.adapter", acks_late=False, ignore_result=True)
+def adapter(task_id: str, kind: str, reply: str) -> None:
+    """The task's weights as a zip (Runtime.export), streamed: {kind, size}, then base64 chunks, then end."""
+    def run(rt: Runtime, rec: dict[str, Any], stopped):
+        got, data = rt.export(rec, kind)
+        yield {"kind": got, "size": len(data)}
+        for i in range(0, len(data), CHUNK):
+            yield {"chunk": base64.b64encode(data[i: i + CHUNK]).decode()}
+        yield {"end": True}
+
+    _stream(reply, task_id, run)
+
+
+@app.task(name="worker.tasks.import_adapter", acks_late=False, ignore_result=True)
+def import_adapter(rec: dict[str, Any], zip_b64: str, max_bytes: int, reply: str) -> None:
+    """Check and store an adapter for a task record the API will create: the fields that point at it."""
+    rt = runtime()
+    body = _safely(lambda: rt.import_adapter(rec, base64.b64decode(zip_b64), max_bytes), rec["id"])
+    patient(_reply)(rt.store, REPLY + reply, body)
 
 
 def _finite(x: Any) -> Any:
