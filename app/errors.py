@@ -1,4 +1,9 @@
-"""Error bodies and the 422 that names the field and the limit."""
+"""Error bodies and the 422 that names the field and the limit.
+
+Two shapes: `{"detail": ...}` (FastAPI's) everywhere, and OpenAI's `{"error": {"message", "type",
+"param", "code"}}` under /v1, where a bad parameter is a 400 as OpenAI answers it, so that the
+`openai` package raises its own exceptions with the message. `respond` picks the shape by path.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import math
 import re
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import HTTPException, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.bodies import BadJSON
 from app.quotas import OverQuota
-from app.schemas import Error
+from app.schemas import Error, OpenAIError
 
 # A filesystem path of two or more parts: the server's folders (checkpoints, bank, data dir) are
 # nobody else's business, and naming them helps only an attacker.
@@ -45,6 +50,42 @@ ADMIN_ERRORS = {
     413: _SIZE,
     503: _error("the queue is down"),
 }
+
+
+V1_ERRORS = {status: {"model": OpenAIError, "description": d["description"]} for status, d in ERRORS.items()}
+V1_ERRORS[400] = {"model": OpenAIError, "description": "a parameter is invalid or not supported (param names it)"}
+V1_ERRORS[404] = {"model": OpenAIError, "description": "model is not a task of the caller"}
+V1_ERRORS[409] = {"model": OpenAIError, "description": "the task is not ready (Retry-After), or failed"}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+          409: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+          429: "rate_limit_error"}
+_CODES = {401: "invalid_api_key", 403: "permission_denied", 404: "not_found", 409: "conflict", 413: "request_too_large",
+          429: "rate_limit_exceeded", 503: "service_unavailable"}
+
+
+class ApiError(HTTPException):
+    """An HTTP error that also names, for /v1 callers, the parameter at fault and OpenAI's error code."""
+
+    def __init__(self, status_code: int, detail: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(status_code, detail, headers=headers)
+        self.param, self.code = param, code
+
+
+def is_v1(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                      "param": param, "code": code or _CODES.get(status)}}
+
+
+def respond(request: Request, status: int, message: str, headers: dict[str, str] | None = None, *,
+            param: str | None = None, code: str | None = None) -> JSONResponse:
+    """An error answer in the caller's shape: OpenAI's under /v1, FastAPI's elsewhere."""
+    body = openai_error(status, message, param, code) if is_v1(request.url.path) else {"detail": message}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def public(message: str | None) -> str | None:
@@ -93,9 +134,30 @@ def echo(x: Any) -> Any:
     return f"{text[:ECHO_CHARS]}... ({len(text)} characters in all)"
 
 
+def _v1_invalid(errors: list[dict[str, Any]]) -> JSONResponse:
+    """A validation error as OpenAI answers it: 400, the first parameter at fault, every message."""
+    def where(e):
+        loc = [str(x) for x in e["loc"] if x not in ("body", "query", "header")]
+        return ".".join(loc) or None
+
+    def say(e):
+        if e["type"] == "extra_forbidden":
+            return f"{where(e)}: not supported by this service"
+        if isinstance(e.get("input"), BadJSON):
+            return f"the body is not valid JSON: {e['input'].reason}"
+        return f"{where(e)}: {e['msg']}" if where(e) else e["msg"]
+
+    first = errors[0]
+    code = "unsupported_parameter" if first["type"] == "extra_forbidden" else "invalid_value"
+    return JSONResponse(openai_error(400, "; ".join(dict.fromkeys(say(e) for e in errors)), where(first), code),
+                        status_code=400)
+
+
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 shape, with inputs cut to ECHO_CHARS; a body that is not JSON says why once."""
     errors = exc.errors()
+    if is_v1(request.url.path):
+        return _v1_invalid(errors)
     bad = next((e["input"] for e in errors if isinstance(e.get("input"), BadJSON)), None)
     if bad is not None:
         detail = [{"type": "json_invalid", "loc": ["body"], "msg": f"the body is not valid JSON: {bad.reason}"}]
@@ -107,7 +169,7 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
 
 async def over_quota(request: Request, exc: OverQuota) -> JSONResponse:
     headers = None if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
-    return JSONResponse({"detail": exc.detail}, status_code=429, headers=headers)
+    return respond(request, exc.status, exc.detail, headers)
 
 
 def _methods_by_path(app) -> list[tuple[re.Pattern, set[str]]]:
@@ -130,4 +192,7 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         allowed = set().union(*(m for rx, m in state.methods_by_path if rx.match(request.url.path)))
         if allowed:
             exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(allowed))}
+    if is_v1(request.url.path):
+        return respond(request, exc.status_code, str(exc.detail), exc.headers, param=getattr(exc, "param", None),
+                       code=getattr(exc, "code", None))
     return await http_exception_handler(request, exc)

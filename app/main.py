@@ -11,18 +11,17 @@ import redis
 import redis.asyncio
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import metrics
 from app.adaptations import reap_forever, sender
 from app.batcher import Batcher
-from app.errors import http_error, invalid_request, over_quota
+from app.errors import http_error, invalid_request, over_quota, respond
 from app.openapi import service_openapi
 from app.quotas import OverQuota, Quotas
 from app.watcher import StatusWatcher
 from app.limits import BodyLimit
-from app.routes import admin, health, predict, tasks
+from app.routes import admin, health, predict, tasks, usage, v1
 from app.worker_calls import call_worker
 from model.bank.store import setting_names
 from model.settings import Settings, get_settings
@@ -99,14 +98,14 @@ def create_app(s: Settings | None = None) -> FastAPI:
         return reply["groups"]
 
     app.state.batcher = Batcher(send, s.predict_linger_ms / 1000, s.max_predict_inputs)
-    for module in (tasks, predict, admin, health):
+    for module in (tasks, predict, v1, usage, admin, health):
         app.include_router(module.router)
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
     @app.exception_handler(kombu.exceptions.OperationalError)
     async def unavailable(request, exc):  # after tenacity's retries: say so instead of a bare 500
-        return JSONResponse({"detail": f"the service's Redis is unavailable ({type(exc).__name__}); retry"},
-                            status_code=503, headers={"Retry-After": "2"})
+        return respond(request, 503, f"the service's Redis is unavailable ({type(exc).__name__}); retry",
+                       {"Retry-After": "2"})
 
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -114,7 +113,9 @@ def create_app(s: Settings | None = None) -> FastAPI:
         or app.openapi_schema
     app.add_exception_handler(OverQuota, over_quota)
     metrics.setup(app, app.state.store, s.env == "production" if s.metrics_need_key is None else s.metrics_need_key)
-    app.add_middleware(BodyLimit, max_bytes=s.max_request_bytes)
+    adapter_b64 = 4 * -(-s.max_adapter_bytes // 3)
+    app.add_middleware(BodyLimit, max_bytes=s.max_request_bytes,
+                       larger={("POST", "/tasks"): (s.max_request_bytes + adapter_b64, "adapter")})
     return app
 
 

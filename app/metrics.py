@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, SummaryMetricFamily
 from prometheus_fastapi_instrumentator import Instrumentator
 
 from app.deps import admin
@@ -25,6 +25,7 @@ COUNTERS = {
     "readaptations": "adaptations redone because weights were gone",
     "predictions": "inputs answered",
     "predict_batches": "worker calls that answered them (concurrent calls on one task share one)",
+    "generations": "inputs answered by /v1 generation (sampled or streamed)",
 }
 
 
@@ -48,6 +49,10 @@ class WorkerCollector:
         yield g
         buckets = [(str(b), m.get(f"adapt_seconds_le_{b}", 0.0)) for b in ADAPT_BUCKETS]
         buckets.append(("+Inf", m.get("adapt_seconds_count", 0.0)))
+        p = SummaryMetricFamily("mamlserve_predict_seconds", "worker time answering predictions: per /predict batch "
+                                "and per /v1 generation")
+        p.add_metric([], m.get("predict_batches", 0.0) + m.get("generations", 0.0), m.get("predict_seconds_sum", 0.0))
+        yield p
         h = HistogramMetricFamily("mamlserve_adaptation_seconds", "time to adapt a task (in the worker)")
         h.add_metric([], buckets, m.get("adapt_seconds_sum", 0.0))
         yield h

@@ -45,6 +45,7 @@ def service_openapi(app: FastAPI, s: Settings, settings_names: list[str]) -> dic
     _text(_optional(task["instruction"]), s)
     _options(_optional(task["options"]), s)
     _optional(task["checkpoint"])["pattern"] = CHECKPOINT_ID
+    _optional(task["adapter"]).update(maxLength=4 * -(-s.max_adapter_bytes // 3), pattern=r"^[A-Za-z0-9+/]*={0,2}$")
     _optional(c["Adaptation"]["properties"]["steps"])["maximum"] = s.adapt_max_steps
     q = c["Query"]["properties"]
     _text(q["input"], s)

@@ -16,6 +16,19 @@ class Error(BaseModel):
     detail: str
 
 
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """Errors under /v1, in OpenAI's shape."""
+
+    error: OpenAIErrorBody
+
+
 class Adaptation(BaseModel):
     """How to adapt. Nothing needs to be given: the recipe (`model.recipe.DEFAULT`, with the
     operator's MAMLSERVE_ADAPT_RECIPE overrides) sets the loss, the epochs, the lr and the
@@ -48,6 +61,10 @@ class TaskCreate(Task):
 
     adaptation: Adaptation = Field(default_factory=Adaptation)
     checkpoint: str | None = Field(None, max_length=200, description="meta-trained checkpoint id; default: the active one, else the base model")
+    adapter: str | None = Field(None, description="instead of adapting: a PEFT LoRA adapter folder, zipped and base64-"
+                                "encoded (at most max_adapter_bytes zipped), made for this service's base model. The "
+                                "task is ready at once and served with it; its demonstrations calibrate the options' "
+                                "prior. adaptation and checkpoint must then be left out")
 
 
 class Progress(BaseModel):
@@ -58,6 +75,11 @@ class Progress(BaseModel):
     loss: float | None = None
     loss_before: float | None = None
     loss_after: float | None = None
+
+
+class TaskUsage(BaseModel):
+    adapt_seconds: float | None = Field(None, description="worker seconds the adaptation took (0 for an imported adapter; "
+                                        "null until it is done)")
 
 
 class TaskInfo(BaseModel):
@@ -71,7 +93,9 @@ class TaskInfo(BaseModel):
     lr: float
     recipe: dict[str, Any] = Field(default_factory=dict, description="every choice the adaptation made (model.recipe.Recipe)")
     checkpoint: str
+    imported: bool = Field(False, description="served with an adapter brought to POST /tasks, not adapted here")
     progress: Progress
+    usage: TaskUsage = Field(default_factory=TaskUsage)
     attempts: int = 0
     created_at: float
     started_at: float | None = None
@@ -115,9 +139,15 @@ class PredictionOut(BaseModel):
     scores: list[OptionScore] | None = Field(None, description="every option's score; null for generation")
 
 
+class PredictUsage(BaseModel):
+    tokens_scored: int = Field(description="tokens the worker scored for this call: each input with each of its "
+                               "options, or with max_new_tokens to generate (what max_predict_tokens limits)")
+
+
 class PredictResponse(BaseModel):
     task_id: str
     predictions: list[PredictionOut]
+    usage: PredictUsage
 
 
 class MetaTrainRequest(BaseModel):
@@ -144,6 +174,15 @@ class JobInfo(BaseModel):
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    usage: dict[str, float | None] = Field(default_factory=dict, description="seconds: how long the run took (so far)")
+
+
+class JobPage(BaseModel):
+    items: list[JobInfo]
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
 
 
 class Checkpoint(BaseModel):

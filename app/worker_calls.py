@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -20,7 +21,7 @@ from celery import Celery
 from fastapi import HTTPException, status
 
 from app.errors import public
-from worker.store import REPLY
+from worker.store import CANCEL, REPLY
 
 
 def worker_error(body: dict[str, Any]) -> HTTPException:
@@ -29,12 +30,16 @@ def worker_error(body: dict[str, Any]) -> HTTPException:
     return HTTPException(body["status"], public(body["error"]), headers=headers)
 
 
-async def call_worker(celery: Celery, replies: redis.asyncio.Redis, timeout_s: float, name: str,
-                      args: list[Any]) -> dict[str, Any]:
+async def _send(celery: Celery, timeout_s: float, name: str, args: list[Any]) -> str:
     reply = uuid.uuid4().hex
     # expires: a call nobody waits for any more is dropped by the worker, not run late.
     await anyio.to_thread.run_sync(
         lambda: celery.send_task(name, args=[*args, reply], ignore_result=True, expires=timeout_s))
+    return reply
+
+
+async def _next(replies: redis.asyncio.Redis, reply: str, timeout_s: float) -> dict[str, Any]:
+    """The next message on the reply list; 503 when none comes within timeout_s."""
     deadline = time.monotonic() + timeout_s
     got = None
     while got is None and (left := deadline - time.monotonic()) > 0:
@@ -47,7 +52,38 @@ async def call_worker(celery: Celery, replies: redis.asyncio.Redis, timeout_s: f
     if got is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"no worker answered within {timeout_s:g} s",
                             headers={"Retry-After": "5"})
-    body = json.loads(got[1])
+    return json.loads(got[1])
+
+
+async def call_worker(celery: Celery, replies: redis.asyncio.Redis, timeout_s: float, name: str,
+                      args: list[Any]) -> dict[str, Any]:
+    reply = await _send(celery, timeout_s, name, args)
+    body = await _next(replies, reply, timeout_s)
     if "status" in body:
         raise worker_error(body)
     return body
+
+
+async def stream_worker(celery: Celery, replies: redis.asyncio.Redis, timeout_s: float, name: str,
+                        args: list[Any]) -> AsyncIterator[dict[str, Any]]:
+    """The worker's messages for one call as they come (worker/tasks.py `_stream`), up to the one
+    that says end. An error message raises (HTTPException). Closed early (the client went away),
+    it tells the worker to stop: the cancel key, which the worker reads between steps."""
+    reply = await _send(celery, timeout_s, name, args)
+    ended = False
+    try:
+        while not ended:
+            body = await _next(replies, reply, timeout_s)
+            if "status" in body:
+                ended = True
+                raise worker_error(body)
+            ended = bool(body.get("end"))
+            yield body
+    finally:
+        if not ended:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await replies.set(CANCEL + reply, 1, ex=300)
+                    await replies.delete(REPLY + reply)
+                except (redis.ConnectionError, redis.TimeoutError):  # the worker stops at its stall limit
+                    pass

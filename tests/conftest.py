@@ -57,6 +57,8 @@ ENV = {
     "MAMLSERVE_REAP_EVERY_S": "0.5",
     "MAMLSERVE_ENQUEUE_GRACE_S": "2",
     "OMP_NUM_THREADS": "1",  # two cores shared by the worker and the tests
+    # Status polls every 0.1 s would exceed the default; tests/test_quotas.py tests the limit with its own.
+    "MAMLSERVE_MAX_REQUESTS_PER_MINUTE": "1000000",
 }
 
 from model.settings import Settings  # noqa: E402

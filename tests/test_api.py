@@ -18,7 +18,7 @@ def test_no_key_or_unknown_key_is_401(client):
     for headers in ({}, {"X-API-Key": "nope"}):
         r = client.get("/tasks", headers=headers)
         assert r.status_code == 401, r.text
-        assert r.headers["www-authenticate"] == "X-API-Key"
+        assert r.headers["www-authenticate"] == "X-API-Key, Bearer"
     assert client.post("/predict", json={"task_id": "x", "inputs": ["a"]}).status_code == 401
 
 

@@ -149,7 +149,8 @@ def test_full_mode_weights_on_disk(client, records):
     assert rec["weights_path"].endswith(".safetensors") and len(rec["weights_sha256"]) == 64
     r = client.post("/predict", json={"task_id": task["id"], "inputs": ["a joy"]}, headers=auth())
     assert r.status_code == 200, r.text
-    assert client.get(f"/tasks/{task['id']}/adapter", headers=auth()).status_code == 409
+    r = client.get(f"/tasks/{task['id']}/adapter", params={"format": "lora"}, headers=auth())
+    assert r.status_code == 409 and "full mode" in r.json()["detail"]  # a LoRA cannot hold full-mode weights
 
 
 def test_list_and_delete(client, cache):

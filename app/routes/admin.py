@@ -6,18 +6,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
+from app import idempotency
+from app.idempotency import IdempotencyKey
 from app.bodies import StrictRoute
 from app.deps import CeleryDep, SettingsDep, StoreDep, admin
 from app.errors import ADMIN_ERRORS, invalid, invalid_from, public, public_values
-from app.schemas import Checkpoint, Checkpoints, JobInfo, MetaTrainRequest
+from app.schemas import Checkpoint, Checkpoints, JobInfo, JobPage, JobState, MetaTrainRequest
 from model.bank.store import Bank, setting_names
 from model.settings import Settings
 from worker import checkpoints
-from worker.store import BASE
+from worker.store import BASE, now
 from worker.tasks import job_config
 
 # The service decides where checkpoints go, which model and device train, and how jobs are tagged.
@@ -38,8 +40,11 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin)
 
 
 def job_info(rec: dict[str, Any], request: Request) -> JobInfo:
-    return JobInfo(**{k: v for k, v in rec.items() if k in JobInfo.model_fields and k != "error"},
-                   error=public(rec.get("error")), status_url=str(request.url_for("get_job", job_id=rec["id"])))
+    started = rec.get("started_at")
+    seconds = None if started is None else round((rec.get("finished_at") or now()) - started, 3)
+    return JobInfo(**{k: v for k, v in rec.items() if k in JobInfo.model_fields and k not in ("error", "usage")},
+                   error=public(rec.get("error")), status_url=str(request.url_for("get_job", job_id=rec["id"])),
+                   usage={"seconds": seconds})
 
 
 def get_job_or_404(store, job_id: str) -> dict[str, Any]:
@@ -70,10 +75,24 @@ def check_bank(s: Settings, setting: str) -> None:
 
 
 @router.post("/meta-train", status_code=status.HTTP_202_ACCEPTED, response_model=JobInfo)
-def meta_train(body: MetaTrainRequest, request: Request, s: SettingsDep, store: StoreDep, celery: CeleryDep) -> JobInfo:
+def meta_train(body: MetaTrainRequest, request: Request, response: Response, s: SettingsDep, store: StoreDep,
+               celery: CeleryDep, idempotency_key: IdempotencyKey = None) -> JobInfo:
     """Start a meta-training run on the `meta` queue; it ends as a checkpoint in the registry.
 
-    409 when the setting needs the task bank and this server has not built it."""
+    409 when the setting needs the task bank and this server has not built it, or when the
+    Idempotency-Key was used with another body."""
+    def run() -> idempotency.Answer:
+        job = start_job(body, request, s, store, celery)
+        return 202, job.model_dump(mode="json"), {"Location": job.status_url}
+
+    code, out, headers = idempotency.once(store, "admin", idempotency_key, body.model_dump(mode="json"),
+                                          s.idempotency_ttl_s, run)
+    response.status_code = code
+    response.headers.update(headers)
+    return JobInfo.model_validate(out)
+
+
+def start_job(body: MetaTrainRequest, request: Request, s: Settings, store, celery) -> JobInfo:
     job_id = uuid.uuid4().hex
     for key in body.hyperparameters:
         if key in SERVICE_OWNED:
@@ -90,6 +109,17 @@ def meta_train(body: MetaTrainRequest, request: Request, s: SettingsDep, store: 
         store.update_job(job_id, state="failed", error=f"could not enqueue: {e}")
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the task queue is unavailable ({e}); retry") from e
     return job_info(store.job(job_id), request)
+
+
+@router.get("/jobs", response_model=JobPage)
+def list_jobs(request: Request, store: StoreDep, offset: int = Query(0, ge=0, le=1_000_000),
+              limit: int = Query(20, ge=1, le=100),
+              state: list[JobState] | None = Query(None, description="only jobs in these states (repeat for several)")
+              ) -> JobPage:
+    """The meta-training jobs, newest first."""
+    recs, total = store.list_jobs(offset, limit, set(state or ()))
+    nxt = offset + limit if offset + limit < total else None
+    return JobPage(items=[job_info(r, request) for r in recs], total=total, offset=offset, limit=limit, next_offset=nxt)
 
 
 @router.get("/jobs/{job_id}", response_model=JobInfo)

@@ -17,7 +17,7 @@ from app.deps import SettingsDep, StoreDep, TenantDep
 from app.errors import ERRORS, invalid, invalid_from, public
 from app.limits import predict_tokens
 from app.routes.tasks import owned
-from app.schemas import OptionScore, PredictionOut, PredictRequest, PredictResponse
+from app.schemas import OptionScore, PredictionOut, PredictRequest, PredictResponse, PredictUsage
 from app.watcher import UNDERWAY
 from model.settings import Settings
 from model.task import Limits, Query
@@ -60,7 +60,8 @@ async def predict(body: PredictRequest, request: Request, who: TenantDep, s: Set
     state = request.app.state
     lease_s = min(body.wait_s, s.predict_wait_max_s) + s.predict_timeout_s + 60  # wait_s is checked in the slot
     # The slot first: a call over the quota is refused for one Redis round trip, before any work.
-    async with state.quotas.slot(who, "predict", s.max_waiting_predicts, lease_s, "/predict calls"):
+    async with state.quotas.slot(who, "predict", s.max_waiting_predicts, lease_s, "/predict calls",
+                                 "max_waiting_predicts"):
         queries = await anyio.to_thread.run_sync(parse_queries, body, s, state.count_tokens)
         rec = await anyio.to_thread.run_sync(owned, store, body.task_id, who)
         cost = await anyio.to_thread.run_sync(predict_tokens, rec["task"], queries, state.count_tokens, s.max_new_tokens)
@@ -78,4 +79,4 @@ async def predict(body: PredictRequest, request: Request, who: TenantDep, s: Set
                       scores=None if p["scores"] is None else [OptionScore(option=o, score=v) for o, v in p["scores"].items()])
         for q, p in zip(queries, reply["predictions"])
     ]
-    return PredictResponse(task_id=body.task_id, predictions=preds)
+    return PredictResponse(task_id=body.task_id, predictions=preds, usage=PredictUsage(tokens_scored=cost))

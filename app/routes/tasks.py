@@ -1,27 +1,38 @@
-"""Tasks: create (adaptation enqueued), status, list, delete, export the adapter."""
+"""Tasks: create (adaptation enqueued, or an adapter imported), status, list, events, delete, export."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import binascii
+import hashlib
+import json
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import anyio.from_thread
 import anyio.to_thread
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
+from app import idempotency
 from app.adaptations import enqueue, new_run, retry_failed, sender
 from app.bodies import StrictRoute
 from app.deps import CeleryDep, SettingsDep, StoreDep, TenantDep
 from app.errors import ERRORS, invalid, invalid_from, public
-from app.quotas import check_weights
-from app.schemas import Adaptation, Progress, TaskCreate, TaskInfo, TaskPage
-from app.worker_calls import call_worker
+from app.idempotency import IdempotencyKey
+from app.quotas import check_adapt_seconds, check_weights, too_many_tasks
+from app.schemas import Adaptation, Progress, Status, TaskCreate, TaskInfo, TaskPage, TaskUsage
+from app.watcher import UNDERWAY
+from app.worker_calls import call_worker, stream_worker
 from model.recipe import DEFAULT, Recipe
-from model.task import Limits, validate_task
+from model.settings import Settings
+from model.task import Limits, Task, validate_task
 from worker import checkpoints
-from worker.store import BASE, content_hash, now, weights_key
+from worker.store import BASE, Store, content_hash, now, weights_key
 
 router = APIRouter(prefix="/tasks", tags=["tasks"], route_class=StrictRoute)
 
@@ -30,7 +41,8 @@ def info(rec: dict[str, Any], request: Request) -> TaskInfo:
     return TaskInfo(
         id=rec["id"], status=rec["status"], status_url=str(request.url_for("get_task", task_id=rec["id"])),
         error=public(rec.get("error")), mode=rec["mode"], steps=rec["steps"], epochs=rec.get("epochs", 0.0), lr=rec["lr"],
-        recipe=rec.get("recipe") or {}, checkpoint=rec["checkpoint"],
+        recipe=rec.get("recipe") or {}, checkpoint=rec["checkpoint"], imported=bool(rec.get("imported")),
+        usage=TaskUsage(adapt_seconds=rec.get("adapt_seconds")),
         progress=Progress(step=rec.get("step", 0), steps=rec.get("n_steps", rec["steps"]), epoch=rec.get("epoch", 0.0),
                           epochs=rec.get("epochs", 0.0), loss=rec.get("loss"),
                           loss_before=rec.get("loss_before"), loss_after=rec.get("loss_after")),
@@ -87,17 +99,40 @@ def checkpoint_lr(s, ckpt: str, mode: str) -> float | None:
 
 @router.post(
     "", status_code=status.HTTP_202_ACCEPTED, response_model=TaskInfo,
-    responses={200: {"model": TaskInfo, "description": "the same task already exists"}, **ERRORS},
+    responses={200: {"model": TaskInfo, "description": "the same task already exists (or the same Idempotency-Key)"},
+               **ERRORS},
 )
 def create_task(body: TaskCreate, request: Request, response: Response, who: TenantDep, s: SettingsDep,
-                store: StoreDep, celery: CeleryDep) -> TaskInfo:
-    """Learn a task from its demonstrations; poll the status URL until it is ready."""
-    data = body.model_dump(exclude={"adaptation", "checkpoint"}, exclude_none=True)
+                store: StoreDep, celery: CeleryDep, idempotency_key: IdempotencyKey = None) -> TaskInfo:
+    """Learn a task from its demonstrations, or serve it with an adapter made elsewhere (`adapter`);
+    poll the status URL, or follow GET /tasks/{id}/events, until it is ready."""
+    def run() -> idempotency.Answer:
+        if body.adapter is not None:
+            rec, created = import_task(body, request, who, s, store)
+        else:
+            rec, created = create_or_reuse(body, request, who, s, store, celery)
+        location = str(request.url_for("get_task", task_id=rec["id"]))
+        return (202 if created else 200), info(rec, request).model_dump(mode="json"), {"Location": location}
+
+    code, out, headers = idempotency.once(store, f"tenant:{who}", idempotency_key, body.model_dump(mode="json"),
+                                          s.idempotency_ttl_s, run)
+    response.status_code = code
+    response.headers.update(headers)
+    return TaskInfo.model_validate(out)
+
+
+def checked_task(body: TaskCreate, request: Request, s: Settings) -> Task:
+    data = body.model_dump(exclude={"adaptation", "checkpoint", "adapter"}, exclude_none=True)
     limits = Limits(s.max_demonstrations, s.max_options, s.max_text_tokens, s.max_text_chars)
     try:  # again, now with token counts: the body model could only count characters
-        task = validate_task(data, limits, request.app.state.count_tokens)
+        return validate_task(data, limits, request.app.state.count_tokens)
     except ValidationError as e:
         raise invalid_from(e, ("body",)) from e
+
+
+def create_or_reuse(body: TaskCreate, request: Request, who: str, s: Settings, store: Store, celery) -> tuple[dict[str, Any], bool]:
+    """The task record for this request, adapting it (enqueued) when it is new or failed; and whether it is new."""
+    task = checked_task(body, request, s)
     a = body.adaptation
     mode = a.mode or s.adapt_mode
     ckpt = resolve_checkpoint(s, store, body.checkpoint)
@@ -117,11 +152,15 @@ def create_task(body: TaskCreate, request: Request, response: Response, who: Ten
     existing = store.task(task_id)
     if mode != "none" and (existing is None or existing["status"] == "failed"):  # a run to come stores weights
         check_weights(store, who, mode, s.max_weights_bytes)
+        check_adapt_seconds(store, who, s.max_adapt_seconds_per_hour)
     run = new_run()
     created = store.create_task(task_id, who, {
         **spec, "hash": digest, "status": "ready" if mode == "none" else "queued", "step": 0, "n_steps": steps,
         "attempts": 0, "completions": 0, "enqueued": mode == "none", "run": run, "queued_at": now(),
-    })
+        **({"adapt_seconds": 0.0} if mode == "none" else {}),
+    }, max_tasks=s.max_tasks)
+    if created is None:
+        raise too_many_tasks(s.max_tasks)
     rec = store.task(task_id)
     # A new task is enqueued, and one that failed runs again; one its creator could not enqueue
     # (the broker was down, or the request died) is the reaper's.
@@ -136,17 +175,71 @@ def create_task(body: TaskCreate, request: Request, response: Response, who: Ten
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the task queue is unavailable; it is enqueued "
                                 "once the queue is back", headers={"Retry-After": "5"}) from e
         rec = store.task(task_id)
-    if not created:
-        response.status_code = status.HTTP_200_OK
-    response.headers["Location"] = str(request.url_for("get_task", task_id=task_id))
-    return info(rec, request)
+    return rec, created
+
+
+def import_task(body: TaskCreate, request: Request, who: str, s: Settings, store: Store) -> tuple[dict[str, Any], bool]:
+    """A task served with the adapter in the request, checked against the base by the worker (which
+    also calibrates the options' prior with it and keeps it on disk); ready at once."""
+    if body.adaptation.model_fields_set or body.checkpoint not in (None, BASE):
+        field = "adaptation" if body.adaptation.model_fields_set else "checkpoint"
+        raise invalid(("body", field), f"an imported adapter is served as it is, on the base model: leave {field} out",
+                      "not_with_adapter")
+    try:
+        raw = base64.b64decode(body.adapter, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise invalid(("body", "adapter"), f"not base64: {e}", "adapter_not_base64") from e
+    if len(raw) > s.max_adapter_bytes:
+        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"the adapter zip has {len(raw)} bytes; the limit "
+                            f"is {s.max_adapter_bytes} (max_adapter_bytes)")
+    task = checked_task(body, request, s)
+    recipe = resolve_recipe(s, Adaptation(steps=0), "lora", None)
+    spec = {"task": task.model_dump(exclude_none=True), "mode": "lora", "recipe": recipe.to_dict(), "steps": 0,
+            "epochs": 0.0, "lr": recipe.lr_for("lora"), "seed": 0, "checkpoint": BASE, "base_model": s.base_model,
+            "prompt_format": s.prompt_format, "adapter_sha256": hashlib.sha256(raw).hexdigest()}
+    digest = content_hash(who, spec)
+    task_id = digest[:32]
+    existing = store.task(task_id)
+    if existing is not None:
+        return existing, False
+    if store.count_tasks(who) >= s.max_tasks:
+        raise too_many_tasks(s.max_tasks)
+    check_weights(store, who, "lora", s.max_weights_bytes, more=len(raw))
+    state = request.app.state
+    try:
+        pointer = anyio.from_thread.run(call_worker, state.celery, state.replies, s.predict_timeout_s,
+                                        "worker.tasks.import_adapter",
+                                        [{"id": task_id, "hash": digest, "tenant": who, **spec}, body.adapter,
+                                         4 * s.max_adapter_bytes])
+    except HTTPException as e:
+        if e.status_code == 422:  # the worker's AdapterError: what does not fit this base
+            raise invalid(("body", "adapter"), str(e.detail), "adapter_not_servable") from e
+        raise
+    size = pointer["weights_bytes"]
+    if store.charge(who, "weights_bytes", size, s.max_weights_bytes) is None:
+        Path(pointer["weights_path"]).unlink(missing_ok=True)
+        check_weights(store, who, "lora", s.max_weights_bytes, more=size)  # says why
+    t = now()
+    created = store.create_task(task_id, who, {
+        **spec, "hash": digest, "status": "ready", "imported": True, "step": 0, "n_steps": 0, "attempts": 0,
+        "completions": 1, "enqueued": True, "run": new_run(), "queued_at": t, "started_at": t, "finished_at": t,
+        "adapt_seconds": 0.0, **pointer,
+    }, max_tasks=s.max_tasks)
+    if not created:  # over the count, or an identical import won the race (its record holds the same file)
+        store.refund(who, "weights_bytes", size)
+        if created is None:
+            Path(pointer["weights_path"]).unlink(missing_ok=True)
+            raise too_many_tasks(s.max_tasks)
+    return store.task(task_id), bool(created)
 
 
 @router.get("", response_model=TaskPage, responses=ERRORS)
 def list_tasks(request: Request, who: TenantDep, store: StoreDep,
-               offset: int = Query(0, ge=0, le=1_000_000), limit: int = Query(20, ge=1, le=100)) -> TaskPage:
+               offset: int = Query(0, ge=0, le=1_000_000), limit: int = Query(20, ge=1, le=100),
+               status: list[Status] | None = Query(None, description="only tasks in these statuses (repeat for several)")
+               ) -> TaskPage:
     """The caller's tasks, newest first."""
-    recs, total = store.list_tasks(who, offset, limit)
+    recs, total = store.list_tasks(who, offset, limit, set(status or ()))
     nxt = offset + limit if offset + limit < total else None
     return TaskPage(items=[info(r, request) for r in recs], total=total, offset=offset, limit=limit, next_offset=nxt)
 
@@ -169,19 +262,77 @@ def delete_task(task_id: str, request: Request, who: TenantDep, store: StoreDep)
 
 @router.get(
     "/{task_id}/adapter", response_class=Response, responses={
-        200: {"content": {"application/zip": {}}, "description": "a PEFT adapter folder, zipped"}, **ERRORS},
+        200: {"content": {"application/zip": {}}, "description": "a PEFT adapter folder, or a Hugging Face model "
+              "folder, zipped; X-Mamlserve-Export says which (lora or full)"}, **ERRORS},
 )
 async def get_adapter(task_id: str, request: Request, who: TenantDep, s: SettingsDep, store: StoreDep,
-                      celery: CeleryDep) -> Response:
-    """The task's adapted LoRA as a zip that `PeftModel.from_pretrained` loads once unzipped."""
+                      celery: CeleryDep, format: Literal["auto", "lora", "full"] = "auto") -> Response:
+    """Exactly what the task predicts with, zipped. `lora`: a PEFT adapter folder, which
+    `PeftModel.from_pretrained(base, folder)` loads on the base model named in its
+    adapter_config.json (a task adapted in LoRA mode, from the base or from a checkpoint
+    meta-trained in the LoRA space, whose initialisation the adapted LoRA already includes).
+    `full`: a Hugging Face model folder that `AutoModelForCausalLM.from_pretrained` loads on its
+    own (full-mode tasks; tasks on a checkpoint meta-trained in the full space; any LoRA merged
+    in). `auto` (default): the LoRA when one holds it all. Either way `mamlserve.json` in the
+    zip names the base (Hugging Face id, sha256 of its weights) and what predictions add to the
+    weights: the prompt format, the recipe and the options' calibrated prior. 409 (saying why)
+    when the task has no weights of its own, or a LoRA cannot hold them."""
     rec = await anyio.to_thread.run_sync(owned, store, task_id, who)
-    if rec["mode"] == "full":
-        raise HTTPException(status.HTTP_409_CONFLICT, "this task was adapted in full mode: it has no LoRA adapter")
-    if rec["mode"] == "none" and rec["checkpoint"] == BASE:
-        raise HTTPException(status.HTTP_409_CONFLICT, "this task runs in context on the base model: it has no adapter")
     if rec["status"] != "ready":
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id} is {rec['status']}, not ready")
-    reply = await call_worker(celery, request.app.state.replies, s.predict_timeout_s, "worker.tasks.adapter", [task_id])
-    data = base64.b64decode(reply["zip_b64"])
-    return Response(data, media_type="application/zip",
-                    headers={"Content-Disposition": f'attachment; filename="{task_id}-adapter.zip"'})
+    state = request.app.state
+    parts = stream_worker(celery, state.replies, s.predict_timeout_s, "worker.tasks.adapter", [task_id, format])
+    head = await anext(parts)  # {kind, size}, or the worker's refusal raised here, before the response starts
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for msg in parts:
+                if "chunk" in msg:
+                    yield base64.b64decode(msg["chunk"])
+        finally:  # the client went away: the worker stops sending
+            await parts.aclose()
+
+    return StreamingResponse(body(), media_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="{task_id}-{head["kind"]}.zip"',
+        "Content-Length": str(head["size"]), "X-Mamlserve-Export": head["kind"]})
+
+
+@router.get("/{task_id}/events", response_class=StreamingResponse, responses={
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+          "description": "`event: status` with the task (as GET /tasks/{id}) whenever its status or progress changes"},
+    **ERRORS})
+async def task_events(task_id: str, request: Request, who: TenantDep, s: SettingsDep, store: StoreDep,
+                      timeout_s: float = Query(300, gt=0, le=3600, description="end the stream after this long")
+                      ) -> StreamingResponse:
+    """The task's status and progress as server-sent events, from now until it is ready or failed
+    (the last event), it is deleted (`event: deleted`), or timeout_s passes. A comment line every
+    15 s keeps proxies from closing a quiet stream."""
+    rec = await anyio.to_thread.run_sync(owned, store, task_id, who)
+    quotas = request.app.state.quotas
+    slot = quotas.slot(who, "events", s.max_event_streams, timeout_s + 60, "event streams", "max_event_streams")
+    await slot.__aenter__()  # 429 here, before the stream starts; given back when it ends
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            seen, deadline, quiet = None, asyncio.get_running_loop().time() + timeout_s, 0.0
+            current: dict[str, Any] | None = rec
+            while True:
+                if current is None:
+                    yield f"event: deleted\ndata: {json.dumps({'id': task_id})}\n\n".encode()
+                    return
+                data = info(current, request).model_dump_json()
+                if data != seen:
+                    yield f"event: status\ndata: {data}\n\n".encode()
+                    seen, quiet = data, 0.0
+                if current["status"] not in UNDERWAY or asyncio.get_running_loop().time() > deadline:
+                    return
+                await asyncio.sleep(0.25)
+                quiet += 0.25
+                if quiet >= 15:
+                    yield b": keep-alive\n\n"
+                    quiet = 0.0
+                current = await anyio.to_thread.run_sync(store.task, task_id)
+        finally:
+            await slot.__aexit__(None, None, None)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
