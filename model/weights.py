@@ -170,7 +170,8 @@ def _short(name: str) -> str:
 
 def check_base(cfg: dict[str, Any], info: dict[str, Any], base: dict[str, str]) -> None:
     """The adapter was made for this base: the same weights' sha256 when it says (a mamlserve export),
-    else the same model named in base_model_name_or_path (its last path part, when it names one)."""
+    else the same model named in base_model_name_or_path when that is a hub id (a local folder's
+    path says nothing here: its tensors' shapes are checked by `fit_lora`)."""
     theirs = info.get("base_model") or {}
     if theirs.get("sha256"):
         if theirs["sha256"] != base["sha256"]:
@@ -178,7 +179,8 @@ def check_base(cfg: dict[str, Any], info: dict[str, Any], base: dict[str, str]) 
                                f"{theirs['sha256'][:16]}...; this service runs {base['id']!r} ({base['sha256'][:16]}...)")
         return
     named = cfg.get("base_model_name_or_path")
-    if named and _short(named) not in {_short(base["id"]), _short(base.get("name", base["id"]))}:
+    local = not named or named.startswith(("/", ".", "~")) or named.count("/") > 1 or "\\" in named
+    if not local and _short(named) not in {_short(base["id"]), _short(base.get("name", base["id"]))}:
         raise AdapterError(f"the adapter was made for base {named!r}; this service runs {base['id']!r}")
 
 

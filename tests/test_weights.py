@@ -66,3 +66,33 @@ def test_import_rejects_a_mismatched_adapter(lm, lora, tmp_path):
     export_peft(lm, {k: v for k, v in lora.items() if "layers.0." in k}, tmp_path)
     with pytest.raises(ValueError, match="does not match the model's LoRA layout"):
         import_peft(lm, tmp_path)
+
+
+def test_a_peft_lora_of_lower_rank_and_other_alpha_fits_this_layout_exactly(lm):
+    from peft import LoraConfig, get_peft_model
+
+    from model.weights import fit_lora
+
+    for rslora in (False, True):
+        theirs = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=32, target_modules=["v_proj"], use_rslora=rslora,
+                                                         layers_to_transform=[0], lora_dropout=0.0)).eval()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for n, p in theirs.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g))
+        tensors = {n.replace(".default", ""): p.detach() for n, p in theirs.named_parameters() if "lora_" in n}
+        ours = fit_lora(lm, theirs.peft_config["default"].to_dict(), tensors)
+        assert set(ours) == set(lm.lora_names)
+        x = torch.tensor([lm.encode("the movie was great\npositive")])
+        assert torch.allclose(lm(ours, input_ids=x).logits, theirs(input_ids=x).logits, atol=1e-5)
+        assert not torch.allclose(lm(None, input_ids=x).logits, theirs(input_ids=x).logits, atol=1e-3)
+
+
+def test_merged_weights_are_what_peft_merges(lm, lora, tmp_path):
+    from model.weights import merged
+
+    state = merged(lm, lora)
+    theirs = PeftModel.from_pretrained(tiny_model(), export_peft(lm, lora, tmp_path)).merge_and_unload()
+    assert state.keys() == {k for k in theirs.state_dict() if k != "lm_head.weight"}  # tied to the embeddings
+    assert all(torch.allclose(state[k], v, atol=1e-6) for k, v in theirs.state_dict().items() if k in state)
