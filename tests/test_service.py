@@ -245,3 +245,27 @@ def test_a_task_with_no_knobs_gets_the_recipe_and_answers_an_input_alike_in_any_
     more = create(client, {**sentiment(8, tag="no-knobs"), "adaptation": {"epochs": 2, "lr": 0.01}}).json()
     assert more["id"] != task["id"] and more["steps"] == DEFAULT.but(epochs=2).steps_for(8)
     assert more["recipe"]["lr"] == 0.01 and more["lr"] == 0.01
+
+
+def test_the_list_filters_by_status_and_responses_say_what_they_cost(client):
+    ready = create(client, {**sentiment(tag="filter-ready"), "adaptation": {"steps": 1}}).json()
+    wait_status(client, ready["id"])
+    slow = create(client, {**sentiment(tag="filter-slow"), "adaptation": {"steps": 60}}).json()
+
+    def ids(**params) -> list[str]:
+        r = client.get("/tasks", params={"limit": 100, **params}, headers=auth())
+        assert r.status_code == 200, r.text
+        return [t["id"] for t in r.json()["items"]]
+
+    assert ready["id"] in ids(status="ready") and slow["id"] not in ids(status="ready")
+    assert slow["id"] in ids(status=["queued", "adapting"]) or wait_status(client, slow["id"])  # it may be done already
+    page = client.get("/tasks", params={"status": "ready", "limit": 1}, headers=auth()).json()
+    assert len(page["items"]) == 1 and page["total"] == len(ids(status="ready"))
+    assert client.get("/tasks", params={"status": "sleeping"}, headers=auth()).status_code == 422
+    # what a call cost: the tokens scored (each input with each option), the adaptation's worker seconds
+    done = client.get(f"/tasks/{ready['id']}", headers=auth()).json()
+    assert done["usage"]["adapt_seconds"] > 0
+    r = client.post("/predict", json={"task_id": ready["id"], "inputs": ["a joy", "so dull"]}, headers=auth())
+    count = client.app.state.count_tokens
+    assert r.json()["usage"]["tokens_scored"] == sum(count(x) + count(o) for x in ("a joy", "so dull")
+                                                     for o in ("positive", "negative"))

@@ -79,6 +79,22 @@ def test_cancel_running_job(client):
     assert client.post(f"/admin/jobs/{job_id}/cancel", headers=ADMIN).status_code == 409
 
 
+def test_jobs_are_listed_newest_first_with_a_state_filter(client):
+    store = client.app.state.store
+    for i, state in enumerate(("succeeded", "failed", "succeeded")):
+        store.create_job(f"listed-{i}", {"setting": "synthetic", "method": "maml", "space": "lora", "hyperparameters": {},
+                                         "state": state, "progress": {}, "metrics": {}, "cancel": False})
+    page = client.get("/admin/jobs", params={"limit": 100}, headers=ADMIN).json()
+    ids = [j["id"] for j in page["items"]]
+    assert ids.index("listed-2") < ids.index("listed-1") < ids.index("listed-0") and page["total"] == len(ids)
+    ok = client.get("/admin/jobs", params={"state": "succeeded", "limit": 100}, headers=ADMIN).json()["items"]
+    assert {"listed-0", "listed-2"} <= {j["id"] for j in ok} and all(j["state"] == "succeeded" for j in ok)
+    both = client.get("/admin/jobs", params={"state": ["succeeded", "failed"], "limit": 2}, headers=ADMIN).json()
+    assert len(both["items"]) == 2 and both["next_offset"] == 2
+    assert client.get("/admin/jobs", params={"state": "done"}, headers=ADMIN).status_code == 422
+    assert client.get("/admin/jobs", headers=auth()).status_code == 403
+
+
 def test_cancel_queued_job(client, records):
     # A job cancelled before a worker takes it: the worker, given its message, leaves it cancelled.
     store = client.app.state.store
