@@ -89,14 +89,14 @@ def too_many_tasks(limit: int) -> OverQuota:
 
 def adapt_seconds_retry(spent: list[tuple[float, float]], limit: float, t: float) -> int | None:
     """Seconds until the tenant's adaptation seconds in the last hour are under `limit` again
-    (None: they are now), from (minute's start, seconds) oldest first: each minute leaves the
-    window an hour after it ended."""
+    (None: they are now), from (minute's start, seconds) oldest first: the window is the last 60
+    minutes, this one included, so a minute leaves it an hour after it began."""
     used = sum(v for _, v in spent)
     for start, v in spent:
         if used < limit:
             break
         used -= v
-        wait = start + 60 + HOUR_S - t
+        wait = start + HOUR_S - t
         if used < limit:
             return max(1, int(wait + 0.999))
     return None if used < limit else int(HOUR_S)

@@ -13,8 +13,8 @@ router = APIRouter(tags=["usage"], route_class=StrictRoute)
 
 
 class Use(BaseModel):
-    used: float
-    limit: float
+    used: int | float
+    limit: int | float
     retry_after_s: int | None = Field(None, description="when a limit over time is reached: seconds until it is not")
 
 
