@@ -56,6 +56,23 @@ def service_openapi(app: FastAPI, s: Settings, settings_names: list[str]) -> dic
     _text(text, s)
     predict["inputs"]["items"]["anyOf"] = [text, {"$ref": "#/components/schemas/Query"}]
     predict["wait_s"]["maximum"] = s.predict_wait_max_s
+    completion = c["CompletionRequest"]["properties"]
+    one, many = completion["prompt"]["anyOf"]
+    _text(one, s)
+    _text(many["items"], s)
+    many["maxItems"] = s.max_predict_inputs
+    for model in ("CompletionRequest", "ChatRequest"):
+        props = c[model]["properties"]
+        for name in ("max_tokens", "max_completion_tokens"):
+            if name in props:
+                _optional(props[name])["maximum"] = s.max_completion_tokens
+    # the input: a user message with text (the last such one)
+    c["ChatRequest"]["properties"]["messages"]["contains"] = {
+        "type": "object", "required": ["role", "content"],
+        "properties": {"role": {"const": "user"}, "content": {"anyOf": [
+            {"type": "string", "pattern": r"\S", "maxLength": s.max_text_chars},
+            {"type": "array", "contains": {"type": "object", "required": ["text"],
+                                           "properties": {"text": {"type": "string", "pattern": r"\S"}}}}]}}}
     meta = c["MetaTrainRequest"]["properties"]
     meta["setting"] = {"type": "string", "enum": ["synthetic", *settings_names], "title": "Setting",
                        "description": "a task-bank setting (the bank must be built on the server) or 'synthetic'"}

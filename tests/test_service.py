@@ -179,6 +179,7 @@ def test_readyz_and_metrics(client):
                  "mamlserve_weights_hit_memory_total"):
         assert name in text
     assert metric(client, "mamlserve_adaptation_seconds_count") >= 1
+    assert metric(client, "mamlserve_predict_seconds_sum") > 0 and metric(client, "mamlserve_predict_seconds_count") >= 1
 
 
 def test_each_call_lands_in_exactly_one_queue(redis_servers):

@@ -298,7 +298,9 @@ async def get_adapter(task_id: str, request: Request, who: TenantDep, s: Setting
 
 
 @router.get("/{task_id}/events", response_class=StreamingResponse, responses={
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+    200: {"content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["event", "data"],
+        "properties": {"event": {"enum": ["status", "deleted"]}, "data": {"type": "string", "description": "the task as JSON"}}}}},
           "description": "`event: status` with the task (as GET /tasks/{id}) whenever its status or progress changes"},
     **ERRORS})
 async def task_events(task_id: str, request: Request, who: TenantDep, s: SettingsDep, store: StoreDep,

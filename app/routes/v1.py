@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 from fastapi import APIRouter, Request, status
@@ -34,7 +34,9 @@ from model.settings import Settings
 from model.task import Limits, Query
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictRoute, responses=V1_ERRORS)
-Stop = str | list[str] | None
+Text = Annotated[str, Field(min_length=1)]
+Stop = Text | Annotated[list[Text], Field(max_length=4)] | None
+ONLY_ZERO = {"minimum": 0, "maximum": 0}
 
 
 class StreamOptions(BaseModel):
@@ -56,10 +58,10 @@ class Sampled(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = Field(None, description="up to 4 sequences that end the text (not included); a newline always does")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling repeatable")
+    seed: int | None = Field(None, ge=0, le=2**53, description="makes sampling repeatable")
     user: str | None = Field(None, max_length=256, description="accepted, not used")
-    presence_penalty: float = Field(0.0, description="only 0 is supported")
-    frequency_penalty: float = Field(0.0, description="only 0 is supported")
+    presence_penalty: float = Field(0.0, description="only 0 is supported", json_schema_extra=ONLY_ZERO)
+    frequency_penalty: float = Field(0.0, description="only 0 is supported", json_schema_extra=ONLY_ZERO)
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -68,20 +70,13 @@ class Sampled(BaseModel):
             raise ValueError("only 0 is supported by this service")
         return v
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: Stop) -> Stop:
-        stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("at most 4 stop sequences, none empty")
-        return v
-
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class CompletionRequest(Sampled):
-    prompt: str | list[str] = Field(description="one input, or a list of inputs (one choice each)")
+    prompt: str | Annotated[list[str], Field(min_length=1)] = Field(description="one input, or a list of inputs "
+                                                                     "(one choice each)")
     logprobs: int | None = Field(None, ge=0, le=5, description="tasks with options: the best `logprobs` options' scores")
     echo: bool = Field(False, description="the prompt before the text")
 
@@ -103,8 +98,8 @@ class Message(BaseModel):
 
 
 class ChatRequest(Sampled):
-    messages: list[Message] = Field(min_length=1, description="the last user message is the input; the task's "
-                                    "demonstrations are its context, so other messages are not used")
+    messages: list[Message] = Field(min_length=1, description="the last user message with text is the input; the "
+                                    "task's demonstrations are its context, so other messages are not used")
     max_completion_tokens: int | None = Field(None, ge=1, description="as max_tokens (which it replaces)")
     logprobs: bool = Field(False, description="tasks with options: the chosen option's score")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="and the best `top_logprobs` options' scores")
@@ -162,8 +157,8 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-SSE = {"text/event-stream": {"schema": {"type": "string"}, "description": "with stream: chunks as server-sent events, "
-                                       "then `data: [DONE]`"}}
+SSE = {"text/event-stream": {"schema": {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"],
+                                        "description": "with stream: each chunk (JSON) as an event's data, then [DONE]"}}}
 
 
 def _card(rec: dict[str, Any]) -> ModelCard:
@@ -311,8 +306,9 @@ def _streamed(stack: AsyncExitStack, chunks: AsyncIterator[bytes]) -> StreamingR
 async def completions(body: CompletionRequest, request: Request, who: TenantDep, s: SettingsDep, store: StoreDep):
     """Each prompt answered by the task `model` (see the module's doc for options, logprobs and generation)."""
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not texts:
-        raise ApiError(400, "prompt: give at least one input", param="prompt", code="invalid_value")
+    if len(texts) > s.max_predict_inputs:
+        raise ApiError(400, f"prompt: {len(texts)} inputs; the limit is {s.max_predict_inputs} (max_predict_inputs)",
+                       param="prompt", code="invalid_value")
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     async with AsyncExitStack() as stack:
         call = await _checked(body, texts, "prompt", request, who, s, store, stack)
@@ -353,9 +349,9 @@ async def completions(body: CompletionRequest, request: Request, who: TenantDep,
 @router.post("/chat/completions", response_model=ChatCompletion, responses={200: {"content": SSE}})
 async def chat_completions(body: ChatRequest, request: Request, who: TenantDep, s: SettingsDep, store: StoreDep):
     """The last user message answered by the task `model`, as /v1/completions answers a prompt."""
-    users = [m for m in body.messages if m.role == "user"]
-    if not users or not users[-1].text().strip():
-        raise ApiError(400, "messages: the last user message is the input, and there is none with text",
+    users = [m for m in body.messages if m.role == "user" and m.text().strip()]
+    if not users:
+        raise ApiError(400, "messages: the last user message with text is the input, and there is none",
                        param="messages", code="invalid_value")
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     k = body.top_logprobs or 0
