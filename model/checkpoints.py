@@ -1,23 +1,25 @@
-"""The meta-training checkpoint registry: one versioned folder per run under data_dir/checkpoints.
+"""The meta-training checkpoint registry: one versioned entry per run, in a blob store.
 
-    data_dir/checkpoints/<id>/
+    checkpoints/<id>/
         params.safetensors   the meta-learned parameters, as overrides of the base model
                              (LoRA space: every lora_A/lora_B; full space: every base weight)
         adam.safetensors     the outer Adam moments, keys "m/<name>" and "v/<name>"
         meta.json            method, setting, space, config, base model name and sha256, step,
                              Adam t/betas/eps, status, log history, evaluation results
 
-Ids are "v<NNNN>-<method>-<space>-<setting>"; the version number is allocated by an exclusive
-mkdir, so two runs never share a folder. Files are written to a temporary name and renamed:
-a reader never sees half a checkpoint, and a run that saves periodically overwrites its own
-folder in place (the id names the run; meta.json's `step` says how far it got). A resumed run
-gets a new id whose meta names its `parent`. No pickle anywhere.
+The registry is a `model.blobs.Blobs`: a data dir (`Folder`, what the command-line tools use:
+data_dir/checkpoints/<id>/...) or the service's shared store (`worker.blobs.RedisBlobs`), so a
+checkpoint one machine trains is loaded by any other. Every function takes either a path (the
+data dir) or a store. Ids are "v<NNNN>-<method>-<space>-<setting>"; a version is allocated by
+creating its `allocated` key only when absent, so two runs never share an id. Each value is
+replaced whole (a reader never sees half a file), and meta.json is written last: a run that saves
+periodically overwrites its own entry (meta.json's `step` says how far it got). A resumed run gets
+a new id whose meta names its `parent`. No pickle anywhere.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -29,94 +31,105 @@ from torch import Tensor
 
 from model import weights
 from model.adapt import AdamState
+from model.blobs import Blobs, blobs_at
 from model.lm import LM, Params
 
 FORMAT = "mamlserve-checkpoint-1"
 PARAMS = "params.safetensors"
 ADAM = "adam.safetensors"
 META = "meta.json"
+ALLOCATED = "allocated"
 _ID = re.compile(r"^v(\d{4,})-[A-Za-z0-9_.-]+$")
+Where = Path | Blobs  # a data dir, or a store whose keys start at checkpoints/
 
 
 class CheckpointError(ValueError):
     """No such checkpoint, a damaged one, or one made for another base model."""
 
 
-def root(data_dir: Path) -> Path:
-    return Path(data_dir) / "checkpoints"
+def registry(where: Where) -> Blobs:
+    return blobs_at(where).under("checkpoints")
 
 
-def folder(data_dir: Path, ckpt_id: str) -> Path:
+def _key(ckpt_id: str, name: str) -> str:
     if not _ID.match(ckpt_id):  # ids come from HTTP requests too: never let one walk out of the registry
         raise CheckpointError(f"not a checkpoint id: {ckpt_id!r}")
-    return root(data_dir) / ckpt_id
+    return f"{ckpt_id}/{name}"
 
 
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "_", s).strip("_") or "x"
 
 
-def new_id(data_dir: Path, method: str, space: str, setting: str) -> str:
-    """Allocate the next version: the mkdir is the lock, so concurrent runs get distinct ids."""
-    base = root(data_dir)
-    base.mkdir(parents=True, exist_ok=True)
+def ids(where: Where) -> list[str]:
+    """Every allocated id (complete or not), oldest version first."""
+    found = {k.split("/", 1)[0] for k in registry(where).keys()}
+    return sorted((i for i in found if _ID.match(i)), key=lambda i: int(_ID.match(i).group(1)))
+
+
+def new_id(where: Where, method: str, space: str, setting: str) -> str:
+    """Allocate the next version: creating its key is the lock, so concurrent runs get distinct ids."""
+    reg = registry(where)
     while True:
-        versions = [int(m.group(1)) for p in base.iterdir() if (m := _ID.match(p.name))]
+        versions = [int(_ID.match(i).group(1)) for i in ids(where)]
         ckpt_id = f"v{max(versions, default=0) + 1:04d}-{_slug(method)}-{_slug(space)}-{_slug(setting)}"
-        try:
-            (base / ckpt_id).mkdir()
+        if reg.create(_key(ckpt_id, ALLOCATED), b""):
             return ckpt_id
-        except FileExistsError:  # another run took this version first: look again
-            continue
+        # another run took this version first: look again
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+def _json(data: dict) -> bytes:
+    return json.dumps(data, indent=2, sort_keys=True, default=str).encode()
 
 
-def save(data_dir: Path, ckpt_id: str, params: Mapping[str, Tensor], state: AdamState, meta: dict[str, Any]) -> Path:
-    """Write (or overwrite) a checkpoint's three files; meta.json last, so it marks a complete set."""
-    out = folder(data_dir, ckpt_id)
-    out.mkdir(parents=True, exist_ok=True)
-    weights.save(params, out / PARAMS, {"format": FORMAT})
+def save(where: Where, ckpt_id: str, params: Mapping[str, Tensor], state: AdamState, meta: dict[str, Any]) -> str:
+    """Write (or overwrite) a checkpoint's three values; meta.json last, so it marks a complete set."""
+    reg = registry(where)
+    reg.put(_key(ckpt_id, PARAMS), weights.to_bytes(params, {"format": FORMAT}))
     moments = {f"m/{k}": v for k, v in state.m.items()} | {f"v/{k}": v for k, v in state.v.items()}
-    weights.save(moments, out / ADAM, {"format": FORMAT})
+    reg.put(_key(ckpt_id, ADAM), weights.to_bytes(moments, {"format": FORMAT}))
     meta = {
         **meta, "id": ckpt_id, "format": FORMAT, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "adam": {"t": state.t, "betas": list(state.betas), "eps": state.eps},
     }
-    _write_json(out / META, meta)
-    return out
+    reg.put(_key(ckpt_id, META), _json(meta))
+    return ckpt_id
 
 
-def read_meta(data_dir: Path, ckpt_id: str) -> dict[str, Any]:
-    path = folder(data_dir, ckpt_id) / META
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint {ckpt_id!r} under {root(data_dir)}")
-    return json.loads(path.read_text())
+def read_meta(where: Where, ckpt_id: str) -> dict[str, Any]:
+    reg = registry(where)
+    raw = reg.get(_key(ckpt_id, META))
+    if raw is None:
+        raise CheckpointError(f"no checkpoint {ckpt_id!r} in {reg.where}")
+    return json.loads(raw)
 
 
-def update_meta(data_dir: Path, ckpt_id: str, **fields: Any) -> dict[str, Any]:
+def update_meta(where: Where, ckpt_id: str, **fields: Any) -> dict[str, Any]:
     """Merge fields into meta.json (the evaluation writes its results back this way)."""
-    meta = read_meta(data_dir, ckpt_id)
+    meta = read_meta(where, ckpt_id)
     for k, v in fields.items():
         if isinstance(v, dict) and isinstance(meta.get(k), dict):
             meta[k] = {**meta[k], **v}
         else:
             meta[k] = v
-    _write_json(folder(data_dir, ckpt_id) / META, meta)
+    registry(where).put(_key(ckpt_id, META), _json(meta))
     return meta
 
 
-def load(data_dir: Path, ckpt_id: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+def _tensors(reg: Blobs, ckpt_id: str, name: str, device, dtype=None) -> Params:
+    raw = reg.get(_key(ckpt_id, name))
+    if raw is None:
+        raise CheckpointError(f"checkpoint {ckpt_id!r} lacks {name} in {reg.where}")
+    return weights.from_bytes(raw, device, dtype)
+
+
+def load(where: Where, ckpt_id: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
          ) -> tuple[Params, AdamState, dict[str, Any]]:
     """(params, Adam state, meta) of a checkpoint. Moments are fp32 whatever `dtype` the params get."""
-    meta = read_meta(data_dir, ckpt_id)
-    out = folder(data_dir, ckpt_id)
-    params = weights.load(out / PARAMS, device, dtype)
-    raw = weights.load(out / ADAM, device)
+    meta = read_meta(where, ckpt_id)
+    reg = registry(where)
+    params = _tensors(reg, ckpt_id, PARAMS, device, dtype)
+    raw = _tensors(reg, ckpt_id, ADAM, device)
     adam = meta.get("adam", {})
     state = AdamState(
         {k[2:]: v for k, v in raw.items() if k.startswith("m/")},
@@ -126,25 +139,30 @@ def load(data_dir: Path, ckpt_id: str, device: torch.device | str = "cpu", dtype
     return params, state, meta
 
 
-def list_checkpoints(data_dir: Path) -> list[dict[str, Any]]:
-    """Every complete checkpoint's meta, oldest version first (a folder without meta.json is skipped)."""
-    base = root(data_dir)
-    if not base.is_dir():
-        return []
+def list_checkpoints(where: Where) -> list[dict[str, Any]]:
+    """Every complete checkpoint's meta, oldest version first (one without meta.json is skipped)."""
+    reg = registry(where)
     found = []
-    for p in base.iterdir():
-        m = _ID.match(p.name)
-        if m and (p / META).is_file():
-            try:
-                found.append((int(m.group(1)), json.loads((p / META).read_text())))
-            except ValueError:  # a damaged meta.json: not listed rather than breaking the listing
-                continue
-    return [meta for _, meta in sorted(found, key=lambda x: x[0])]
+    for ckpt_id in ids(where):
+        raw = reg.get(_key(ckpt_id, META))
+        if raw is None:
+            continue
+        try:
+            found.append(json.loads(raw))
+        except ValueError:  # a damaged meta.json: not listed rather than breaking the listing
+            continue
+    return found
 
 
-def load_checkpoint(data_dir: Path, ckpt_id: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-                    ) -> tuple[Params, AdamState, dict[str, Any]]:
-    return load(data_dir, ckpt_id, device, dtype)
+def copy(src: Where, dst: Where, ckpt_id: str) -> None:
+    """Copy a checkpoint between registries (a data dir's into the service's), meta.json last."""
+    a, b = registry(src), registry(dst)
+    for name in (PARAMS, ADAM, META):
+        raw = a.get(_key(ckpt_id, name))
+        if raw is None:
+            raise CheckpointError(f"no checkpoint {ckpt_id!r} in {a.where}")
+        b.put(_key(ckpt_id, name), raw)
+    b.create(_key(ckpt_id, ALLOCATED), b"")
 
 
 def inner_lr(meta: Mapping[str, Any], mode: str) -> float | None:

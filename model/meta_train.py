@@ -86,6 +86,7 @@ from model.bank.sampling import sample_episode as bank_sample_episode
 from model.adapt import (
     AdamState, Episode, adam_update, episode_batch, icl_loss, inner_loop, sequences, support_episodes, target_loss,
 )
+from model.blobs import Blobs
 from model.lm import LM, LoraSpec, Params
 from model.prompts import Formatter
 from model.recipe import LR
@@ -231,8 +232,9 @@ def synthetic_source(n_train: int = 24, n_held_out: int = 6, seed: int = 0) -> T
     return TaskSource("synthetic", tasks[:n_train], tasks[n_train:])
 
 
-def task_source(setting: str, data_dir: Path | None = None, settings_dir: Path | None = None) -> TaskSource:
-    """The meta-train and held-out tasks of a setting: 'synthetic', or one of the task bank's."""
+def task_source(setting: str, data_dir: Path | Blobs | None = None, settings_dir: Path | None = None) -> TaskSource:
+    """The meta-train and held-out tasks of a setting: 'synthetic', or one of the task bank's
+    (the bank under data_dir/bank, or under bank/ in a store)."""
     if setting == "synthetic":
         return synthetic_source()
     from model.bank.store import SETTINGS_DIR, load_bank
@@ -583,30 +585,33 @@ def meta_train(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     source: TaskSource | None = None,
+    registry: checkpoints.Where | None = None,
 ) -> str:
     """Run (or resume) a meta-training run; returns the id of the checkpoint it wrote.
 
     progress(step, total, metrics) is called after every outer step; should_stop() before
     each: when it returns True the run checkpoints where it is (status "stopped") and returns.
+    registry: where checkpoints are read and written (default: the config's data dir).
     """
     cfg = config
     lm = lm or load_for_training(cfg)
     source = source or task_source(cfg.setting, cfg.data_dir)
+    reg = registry if registry is not None else cfg.dir
     params, state, step, parent, history = None, None, 0, None, []
     if cfg.resume:
-        params, state, meta = checkpoints.load(cfg.dir, cfg.resume, lm.device)
+        params, state, meta = checkpoints.load(reg, cfg.resume, lm.device)
         checkpoints.check_compatible(meta, lm)
         if (meta["method"], meta["space"]) != (cfg.method, cfg.space):
             raise ValueError(f"checkpoint {cfg.resume} is {meta['method']}/{meta['space']}, not {cfg.method}/{cfg.space}")
         params = {k: v.float() for k, v in params.items()}
         step, parent, history = int(meta["step"]), cfg.resume, list(meta.get("history", []))
     trainer = MetaTrainer(cfg, lm, source, params or {}, state or AdamState(betas=tuple(cfg.betas)), step)
-    ckpt_id = checkpoints.new_id(cfg.dir, cfg.method, cfg.space, cfg.setting)
+    ckpt_id = checkpoints.new_id(reg, cfg.method, cfg.space, cfg.setting)
     log.info("meta-training %s: %s/%s on %s (%d meta-train tasks), steps %d..%d, model %s",
              ckpt_id, cfg.method, cfg.space, cfg.setting, len(source.meta_train), step, cfg.steps, lm.name)
 
     def save(status: str) -> None:
-        checkpoints.save(cfg.dir, ckpt_id, trainer.params, trainer.state,
+        checkpoints.save(reg, ckpt_id, trainer.params, trainer.state,
                          _meta(cfg, lm, source, status, trainer.step_no, parent, history))
 
     save("running" if trainer.step_no < cfg.steps else "done")

@@ -365,3 +365,33 @@ def test_export_copies_a_settings_tasks_and_nothing_else(fixture_bank, tmp_path)
     # the CLI (default settings folder: a committed setting's tasks are not in the fixture bank)
     with pytest.raises(KeyError):
         bank_cli(["export", "--data-dir", str(fixture_bank.root.parent), "--setting", "class_to_class", "--out", str(tmp_path / "x")])
+
+
+def test_a_bank_exported_to_the_shared_store_reads_as_the_folder_and_settings_accumulate(fixture_bank, tmp_path,
+                                                                                          redis_servers):
+    """The service's workers meta-train from the bank in Redis (python -m worker.shared bank ...)."""
+    import redis
+
+    from conftest import RECORDS_PORT
+    from worker.blobs import RedisBlobs
+
+    r = redis.Redis(port=RECORDS_PORT, db=12)
+    r.flushdb()
+    try:
+        store = RedisBlobs(r, chunk_bytes=2048)
+        names = fixture_bank.names
+        settings = tmp_path / "settings"
+        settings.mkdir()
+        (settings / "one.json").write_text(json.dumps({"name": "one", "meta_train": names[:1], "held_out": names[1:2]}))
+        (settings / "two.json").write_text(json.dumps({"name": "two", "meta_train": names[2:3], "held_out": names[1:2]}))
+        bank = load_bank(fixture_bank.root.parent, settings_dir=settings)
+        export(bank, ["one"], store)
+        export(bank, ["two"], store)
+        shared = load_bank(store, settings_dir=settings)
+        assert shared.root is None and shared.names == sorted(names[:3])
+        assert shared.manifest["exported_for"] == ["one", "two"]
+        for n in names[:3]:
+            for split in ("train", "dev", "test"):
+                assert shared.task(n).split(split) == bank.task(n).split(split)
+    finally:
+        r.flushdb()

@@ -153,8 +153,8 @@ def test_resume_reproduces_the_uninterrupted_run(lm, source, tmp_path):
     straight = meta_train(cfg(tmp_path, **kw), lm=lm, source=source)
     half = meta_train(cfg(tmp_path, **{**kw, "steps": 2}), lm=lm, source=source)
     resumed = meta_train(cfg(tmp_path, **kw, resume=half), lm=lm, source=source)
-    p1, s1, m1 = checkpoints.load_checkpoint(tmp_path, straight)
-    p2, s2, m2 = checkpoints.load_checkpoint(tmp_path, resumed)
+    p1, s1, m1 = checkpoints.load(tmp_path, straight)
+    p2, s2, m2 = checkpoints.load(tmp_path, resumed)
     assert m2["parent"] == half and m2["step"] == m1["step"] == 4 and s1.t == s2.t == 4
     for a, b in [(p1, p2), (s1.m, s2.m), (s1.v, s2.v)]:
         assert a.keys() == b.keys()
@@ -176,7 +176,7 @@ def test_checkpoint_metadata_and_registry(lm, source, tmp_path):
     b = meta_train(cfg(tmp_path, method="maml", space="full", steps=1, inner_lr=1e-3, outer_lr=1e-4), lm=lm, source=source)
     listed = checkpoints.list_checkpoints(tmp_path)
     assert [m["id"] for m in listed] == [a, b] and a.startswith("v0001-metaicl-lora") and b.startswith("v0002-maml-full")
-    params, state, meta = checkpoints.load_checkpoint(tmp_path, b)
+    params, state, meta = checkpoints.load(tmp_path, b)
     assert set(params) == set(lm.full_names) and set(state.m) == set(params) and isinstance(state, AdamState)
     assert meta["base_model"] == {"name": "tiny", "sha256": lm.sha256}
     assert meta["meta_train_tasks"] == sorted(t.name for t in source.meta_train) and len(meta["setting_sha256"]) == 64

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from model import checkpoints, weights
+from model import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,9 +35,9 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     for method in ("maml", "fomaml", "metaicl"):
         runs = [m for m in checkpoints.list_checkpoints(tmp_path / "b") if m["method"] == method]
         assert [m["step"] for m in runs] == [3, 6] and runs[1]["parent"] == runs[0]["id"]
-        a = weights.load(checkpoints.folder(tmp_path / "a", [m for m in checkpoints.list_checkpoints(tmp_path / "a")
-                                                              if m["method"] == method][0]["id"]) / "params.safetensors")
-        b = weights.load(checkpoints.folder(tmp_path / "b", runs[1]["id"]) / "params.safetensors")
+        a = checkpoints.load(tmp_path / "a", [m for m in checkpoints.list_checkpoints(tmp_path / "a")
+                                              if m["method"] == method][0]["id"])[0]
+        b = checkpoints.load(tmp_path / "b", runs[1]["id"])[0]
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # bit-exact
 
     # a finished run, run again, trains and scores nothing more

@@ -1,6 +1,6 @@
-"""The bank on disk: one folder per task (task.json + train/dev/test.jsonl), a manifest, settings.
+"""The bank: one entry per task (task.json + train/dev/test.jsonl), a manifest, settings.
 
-Layout under data_dir/bank:
+Layout under data_dir/bank (or under bank/ in the service's shared store: `model.blobs`):
     manifest.json              build key, config, source hashes, per-task counts, exclusions
     <task>/task.json           BankTask metadata (no examples)
     <task>/{train,dev,test}.jsonl   one Example per line: {"input", "output", "options"?}
@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from model.blobs import Blobs, Folder, blobs_at
 from model.task import Example
 
 Kind = Literal["classification", "multiple-choice", "QA", "NLI", "paraphrase", "generation"]
@@ -51,9 +52,15 @@ class TaskMeta(BaseModel):
 class BankTask:
     """A task of the bank: metadata plus lazily read splits of Examples."""
 
-    def __init__(self, folder: Path, meta: TaskMeta | None = None):
-        self.folder = folder
-        self.meta = meta or TaskMeta.model_validate_json((folder / "task.json").read_text())
+    def __init__(self, blobs: Blobs, name: str):
+        self.blobs, self._name = blobs, name
+        self.meta = TaskMeta.model_validate_json(self._read("task.json"))
+
+    def _read(self, file: str) -> bytes:
+        raw = self.blobs.get(f"{self._name}/{file}")
+        if raw is None:
+            raise FileNotFoundError(f"task {self._name!r} lacks {file} in {self.blobs.where}")
+        return raw
 
     def __repr__(self) -> str:
         return f"BankTask({self.name!r}, {self.kind}, {self.meta.counts})"
@@ -80,7 +87,8 @@ class BankTask:
     @cached_property
     def _splits(self) -> dict[str, list[Example]]:
         # model_construct: examples were validated at build time; re-validating 16k rows is slow
-        return {s: [Example.model_construct(**row) for row in read_jsonl(self.folder / f"{s}.jsonl")] for s in SPLITS}
+        return {s: [Example.model_construct(**json.loads(line)) for line in self._read(f"{s}.jsonl").decode().splitlines()
+                    if line.strip()] for s in SPLITS}
 
     @property
     def train(self) -> list[Example]:
@@ -113,14 +121,18 @@ def setting_names(folder: Path = SETTINGS_DIR) -> list[str]:
 
 
 class Bank:
-    """The built bank: task metadata is read up front, examples only when a task's split is used."""
+    """The built bank: task metadata is read up front, examples only when a task's split is used.
+    `root` is its folder, or a store whose keys start at the bank's (`root` is then None)."""
 
-    def __init__(self, root: Path, settings_dir: Path = SETTINGS_DIR):
-        self.root = Path(root)
+    def __init__(self, root: Path | Blobs, settings_dir: Path = SETTINGS_DIR):
+        self.blobs = blobs_at(root)
+        self.root = self.blobs.root if isinstance(self.blobs, Folder) else None
         self.settings_dir = settings_dir
-        if not (self.root / "manifest.json").is_file():
-            raise FileNotFoundError(f"no bank at {self.root}: run `python -m model.bank build`")
-        self.manifest = json.loads((self.root / "manifest.json").read_text())
+        raw = self.blobs.get("manifest.json")
+        if raw is None:
+            where = self.root if self.root is not None else self.blobs.where
+            raise FileNotFoundError(f"no bank at {where}: run `python -m model.bank build`")
+        self.manifest = json.loads(raw)
         self._tasks: dict[str, BankTask] = {}
 
     @property
@@ -130,8 +142,8 @@ class Bank:
     def task(self, name: str) -> BankTask:
         if name not in self._tasks:
             if name not in self.manifest["tasks"]:
-                raise KeyError(f"task {name!r} is not in the bank at {self.root}")
-            self._tasks[name] = BankTask(self.root / name)
+                raise KeyError(f"task {name!r} is not in the bank at {self.root or self.blobs.where}")
+            self._tasks[name] = BankTask(self.blobs, name)
         return self._tasks[name]
 
     def tasks(self, names: list[str] | None = None) -> list[BankTask]:
@@ -147,39 +159,37 @@ class Bank:
         return read_setting(path)
 
 
-def export(bank: Bank, settings: list[str], data_dir: Path) -> list[str]:
-    """Copy the tasks that settings use (meta-train and held-out) into data_dir/bank, with a
-    manifest of those tasks alone: a bank small enough to carry to a machine that cannot build
-    one (an offline GPU box, an image). Returns the task names."""
-    import shutil
-
+def export(bank: Bank, settings: list[str], data_dir: Path | Blobs) -> list[str]:
+    """Copy the tasks that settings use (meta-train and held-out) into data_dir/bank (a folder, or
+    the service's shared store), with a manifest of those tasks alone: a bank small enough to carry
+    to a machine that cannot build one (an offline GPU box, an image), or for the service's workers
+    to meta-train on from any machine. Returns the task names."""
     names = sorted({n for name in settings for st in [bank.setting(name)] for n in st.meta_train + st.held_out})
-    root = Path(data_dir) / "bank"
-    root.mkdir(parents=True, exist_ok=True)
+    dest = blobs_at(data_dir).under("bank")
     for n in names:
-        bank.task(n)  # KeyError naming the task when the bank lacks it
-        shutil.copytree(bank.root / n, root / n, dirs_exist_ok=True)
-    manifest = {**bank.manifest, "tasks": {n: bank.manifest["tasks"][n] for n in names}, "n_tasks": len(names),
-                "excluded": [], "exported_for": settings}
-    write_atomic(root / "manifest.json", json.dumps(manifest, indent=1))
+        task = bank.task(n)  # KeyError naming the task when the bank lacks it
+        for file in ("task.json", *(f"{s}.jsonl" for s in SPLITS)):
+            dest.put(f"{n}/{file}", task._read(file))
+    there = json.loads(dest.get("manifest.json") or b"{}")  # a setting exported before stays
+    if there.get("build_key") != bank.manifest.get("build_key"):
+        there = {}
+    tasks = {**there.get("tasks", {}), **{n: bank.manifest["tasks"][n] for n in names}}
+    manifest = {**bank.manifest, "tasks": tasks, "n_tasks": len(tasks), "excluded": [],
+                "exported_for": sorted({*there.get("exported_for", []), *settings})}
+    dest.put("manifest.json", json.dumps(manifest, indent=1).encode())  # last: it marks the tasks complete
     return names
 
 
-def load_bank(data_dir: Path | None = None, settings_dir: Path = SETTINGS_DIR) -> Bank:
-    """The bank under data_dir/bank (data_dir defaults to the settings' data_dir)."""
+def load_bank(data_dir: Path | Blobs | None = None, settings_dir: Path = SETTINGS_DIR) -> Bank:
+    """The bank under data_dir/bank, or under bank/ in a store (data_dir defaults to the settings')."""
     if data_dir is None:
         from model.settings import get_settings
 
         data_dir = get_settings().data_dir
-    return Bank(Path(data_dir) / "bank", settings_dir)
+    return Bank(blobs_at(data_dir).under("bank"), settings_dir)  # a folder stays a Folder (Bank.root)
 
 
 # --- small file helpers (atomic writes: an interrupted build never leaves a half file behind)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -1,0 +1,61 @@
+"""model/checkpoints.py: the registry works the same in a data dir and in the service's Redis store,
+and a checkpoint copies from one to the other unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+import torch
+
+from conftest import RECORDS_PORT
+from model import checkpoints
+from model.adapt import AdamState
+from worker.blobs import RedisBlobs
+
+DB = 11
+
+
+@pytest.fixture
+def shared(redis_servers):
+    r = redis.Redis(port=RECORDS_PORT, db=DB)
+    r.flushdb()
+    yield RedisBlobs(r, chunk_bytes=4096)
+    r.flushdb()
+
+
+def save_one(where, setting: str = "s") -> tuple[str, dict]:
+    params = {"w": torch.randn(64, 64)}
+    ckpt = checkpoints.new_id(where, "maml", "lora", setting)
+    state = AdamState({"w": torch.ones(64, 64)}, {"w": torch.full((64, 64), 2.0)}, 3)
+    checkpoints.save(where, ckpt, params, state, {"method": "maml", "space": "lora", "step": 3, "status": "done"})
+    return ckpt, params
+
+
+@pytest.mark.parametrize("backend", ["folder", "redis"])
+def test_save_list_load_and_update_a_checkpoint(backend, tmp_path, shared):
+    where = tmp_path if backend == "folder" else shared
+    a, params = save_one(where)
+    b, _ = save_one(where)
+    assert (a, b) == ("v0001-maml-lora-s", "v0002-maml-lora-s")  # distinct versions
+    assert [m["id"] for m in checkpoints.list_checkpoints(where)] == [a, b]
+    got, state, meta = checkpoints.load(where, a)
+    assert got["w"].equal(params["w"]) and state.t == 3 and state.v["w"].eq(2).all() and meta["step"] == 3
+    checkpoints.update_meta(where, a, evaluation={"s": {"icl": 1.0}})
+    assert checkpoints.read_meta(where, a)["evaluation"] == {"s": {"icl": 1.0}}
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint"):
+        checkpoints.read_meta(where, "v0042-none")
+    with pytest.raises(checkpoints.CheckpointError, match="not a checkpoint id"):
+        checkpoints.read_meta(where, "../../etc")
+
+
+def test_an_allocated_id_without_meta_is_not_listed_but_is_not_reused(shared):
+    run = checkpoints.new_id(shared, "maml", "lora", "s")  # a run that has saved nothing yet
+    assert checkpoints.list_checkpoints(shared) == []
+    assert checkpoints.new_id(shared, "maml", "lora", "s") != run
+
+
+def test_a_data_dirs_checkpoint_copies_into_the_shared_registry(tmp_path, shared):
+    ckpt, params = save_one(tmp_path)
+    checkpoints.copy(tmp_path, shared, ckpt)
+    assert checkpoints.load(shared, ckpt)[0]["w"].equal(params["w"])
+    assert checkpoints.new_id(shared, "maml", "lora", "s") == "v0002-maml-lora-s"
