@@ -1,11 +1,13 @@
 """Queueing adaptations: enqueue a task's run, queue a failed task again, and the reaper that
-queues again a run whose worker is gone.
+queues again a run (or a meta-training job) whose worker is gone.
 
 Every adaptation run has an id, kept in the task record and carried by its Celery message; the
 worker drops a message whose run is no longer the record's, and a superseded run writes nothing
 (worker/store.py `set_task_if`). So a run can be replaced at any time without two runs finishing
-one task. Plain functions over the record store and `send(task_id, run)`, which puts the message
-on the broker: no FastAPI here.
+one task. A run is queued again only when its own worker process stopped beating: never because
+another worker started (workers do nothing to the broker at start), so any number of workers may
+join. Plain functions over the record store and `send(task_id, run, fingerprint)`, which puts the
+message on its configuration's adapt queue: no FastAPI here.
 """
 
 from __future__ import annotations
@@ -19,28 +21,40 @@ from typing import Any
 import anyio.to_thread
 from celery import Celery
 
+from worker.celery_app import queue
 from worker.store import Store, now
 
 log = logging.getLogger(__name__)
 ADAPT = "worker.tasks.adapt"
-Send = Callable[[str, str], None]
+META = "worker.tasks.meta_train"
+Send = Callable[[str, str, str | None], None]
+SendJob = Callable[[str, str | None], None]
 
 
 def new_run() -> str:
     return uuid.uuid4().hex
 
 
-def sender(celery: Celery) -> Send:
-    def send(task_id: str, run: str) -> None:
-        celery.send_task(ADAPT, args=[task_id, run], ignore_result=True)
+def sender(celery: Celery, fallback: str) -> Send:
+    """send(task_id, run, fingerprint): the run's message on the adapt queue of its configuration
+    (fallback: a record from before fingerprints)."""
+    def send(task_id: str, run: str, fingerprint: str | None) -> None:
+        celery.send_task(ADAPT, args=[task_id, run], queue=queue("adapt", fingerprint or fallback), ignore_result=True)
 
     return send
 
 
-def enqueue(store: Store, send: Send, task_id: str, run: str) -> None:
+def job_sender(celery: Celery, fallback: str) -> SendJob:
+    def send(job_id: str, fingerprint: str | None) -> None:
+        celery.send_task(META, args=[job_id], queue=queue("meta", fingerprint or fallback), ignore_result=True)
+
+    return send
+
+
+def enqueue(store: Store, send: Send, task_id: str, run: str, fingerprint: str | None) -> None:
     """Send the run's message, then mark the record enqueued (while the run is still its own).
     A crash between the two leaves it not enqueued: the reaper sends it after the grace period."""
-    send(task_id, run)
+    send(task_id, run, fingerprint)
     store.update_task(task_id, run=run, enqueued=True)
 
 
@@ -49,8 +63,21 @@ def retry_failed(store: Store, send: Send, rec: dict[str, Any]) -> bool:
     run = new_run()
     if not store.requeue_task(rec["id"], {"status": "failed", "run": rec.get("run")}, run):
         return False
-    enqueue(store, send, rec["id"], run)
+    enqueue(store, send, rec["id"], run, rec.get("fingerprint"))
     return True
+
+
+def reap_jobs(store: Store, send_job: SendJob, *, dead_after_s: float) -> list[str]:
+    """Meta-training jobs whose worker process stopped beating on them are sent again: a worker
+    takes the job over and continues from its last checkpoint (worker/tasks.py `meta_train`)."""
+    queued = []
+    for job in store.list_jobs(0, 1000, {"running"})[0]:
+        worker = job.get("worker")
+        if worker and not store.runs(worker, f"job:{job['id']}", dead_after_s):
+            store.update_job(job["id"], worker=None)  # once: the next pass finds it unclaimed
+            send_job(job["id"], job.get("fingerprint"))
+            queued.append(job["id"])
+    return queued
 
 
 def reap(store: Store, send: Send, *, dead_after_s: float, enqueue_grace_s: float) -> list[str]:
@@ -76,22 +103,26 @@ def reap(store: Store, send: Send, *, dead_after_s: float, enqueue_grace_s: floa
                 continue
             fresh = new_run()
             if store.requeue_task(task_id, {"status": "adapting", "run": run}, fresh):
-                enqueue(store, send, task_id, fresh)
+                enqueue(store, send, task_id, fresh, rec.get("fingerprint"))
                 queued.append(task_id)
         elif rec["status"] == "queued" and not rec.get("enqueued"):
             if now() - rec.get("queued_at", rec["created_at"]) > enqueue_grace_s:
-                enqueue(store, send, task_id, run)
+                enqueue(store, send, task_id, run, rec.get("fingerprint"))
                 queued.append(task_id)
     return queued
 
 
-async def reap_forever(store: Store, send: Send, *, every_s: float, dead_after_s: float, enqueue_grace_s: float) -> None:
+async def reap_forever(store: Store, send: Send, send_job: SendJob, *, every_s: float, dead_after_s: float,
+                       enqueue_grace_s: float) -> None:
     """The API's reaper: a pass every every_s seconds, off the event loop; a Redis away only skips passes."""
+    def one_pass() -> list[str]:
+        return reap(store, send, dead_after_s=dead_after_s, enqueue_grace_s=enqueue_grace_s) + \
+            reap_jobs(store, send_job, dead_after_s=dead_after_s)
+
     while True:
         await asyncio.sleep(every_s)
         try:
-            queued = await anyio.to_thread.run_sync(
-                lambda: reap(store, send, dead_after_s=dead_after_s, enqueue_grace_s=enqueue_grace_s))
+            queued = await anyio.to_thread.run_sync(one_pass)
         except Exception as e:  # Redis or the broker restarting: the next pass tries again
             log.warning("reaper pass failed: %s: %s", type(e).__name__, e)
             continue

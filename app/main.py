@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import metrics
-from app.adaptations import reap_forever, sender
+from app.adaptations import job_sender, reap_forever, sender
 from app.batcher import Batcher
 from app.errors import http_error, invalid_request, over_quota, respond
 from app.openapi import service_openapi
@@ -22,10 +22,11 @@ from app.quotas import OverQuota, Quotas
 from app.watcher import StatusWatcher
 from app.limits import BodyLimit
 from app.routes import admin, health, predict, tasks, usage, v1
-from app.worker_calls import call_worker
+from app.routing import Router
 from model.bank.store import setting_names
 from model.settings import Settings, get_settings
 from worker.celery_app import make_celery
+from worker.config import fingerprint, local_config
 from worker.runtime import tokenizer
 from worker.store import Store
 
@@ -67,8 +68,12 @@ def create_app(s: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.count_tokens("warm up")  # load the tokenizer before the first request
+        # The configuration this API creates tasks for: tasks go to workers that run it (worker/config.py).
+        app.state.config = local_config(s)
+        app.state.fingerprint = fingerprint(app.state.config)
         reaper = asyncio.create_task(reap_forever(
-            app.state.store, sender(app.state.celery), every_s=s.reap_every_s,
+            app.state.store, sender(app.state.celery, app.state.fingerprint),
+            job_sender(app.state.celery, app.state.fingerprint), every_s=s.reap_every_s,
             dead_after_s=s.worker_dead_after_s, enqueue_grace_s=s.enqueue_grace_s))
         yield
         reaper.cancel()
@@ -83,6 +88,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = s
+    app.state.config, app.state.fingerprint = {}, None  # set when the app starts (lifespan)
     app.state.store = Store.from_url(s.redis_url)
     app.state.cache = redis.Redis.from_url(s.cache_redis_url)
     app.state.celery = make_celery(s)
@@ -92,12 +98,12 @@ def create_app(s: Settings | None = None) -> FastAPI:
     app.state.watcher = StatusWatcher(app.state.store)
     app.state.quotas = Quotas(app.state.replies)
 
-    async def send(task_id: str, groups: list) -> list:
-        reply = await call_worker(app.state.celery, app.state.replies, s.predict_timeout_s, "worker.tasks.predict",
-                                  [task_id, groups])
-        return reply["groups"]
+    app.state.router = router = Router(app.state.celery, app.state.replies, s)
 
-    app.state.batcher = Batcher(send, s.predict_linger_ms / 1000, s.max_predict_inputs)
+    async def send(task_id: str, route: str, groups: list) -> list:
+        return (await router.call(route, "worker.tasks.predict", [task_id, groups]))["groups"]
+
+    app.state.batcher = Batcher(send, s.predict_linger_ms / 1000, s.max_predict_inputs, router.lanes)
     for module in (tasks, predict, v1, usage, admin, health):
         app.include_router(module.router)
     @app.exception_handler(redis.ConnectionError)

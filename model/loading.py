@@ -141,6 +141,15 @@ def model_hash(folder: Path) -> str:
     return digest
 
 
+TINY_SHA256 = hashlib.sha256(b"tiny-llama-seed0").hexdigest()
+
+
+def model_sha256(spec: str, data_dir: Path) -> str:
+    """What `load_lm(spec, ...)` gives as LM.sha256, without loading the weights (the files' hash,
+    memoised beside them; converting a GGUF file on first use)."""
+    return TINY_SHA256 if spec == TINY else model_hash(model_folder(spec, data_dir))
+
+
 def load_lm(
     spec: str,
     data_dir: Path,
@@ -164,8 +173,7 @@ def load_lm(
 
         model, tok = tiny_model(), tiny_tokenizer()
         model.config._attn_implementation = attn
-        digest = hashlib.sha256(b"tiny-llama-seed0").hexdigest()
-        return LM.wrap(model.to(dev, dtype), tok, name=TINY, sha256=digest, lora=lora)
+        return LM.wrap(model.to(dev, dtype), tok, name=TINY, sha256=TINY_SHA256, lora=lora)
     folder = model_folder(spec, data_dir)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)

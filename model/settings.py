@@ -16,7 +16,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAMLSERVE_", env_file=".env", extra="ignore")
 
     # --- where things live
-    data_dir: Path = Field(Path.home() / ".cache" / "mamlserve", description="models, bank, checkpoints, weights")
+    data_dir: Path = Field(Path.home() / ".cache" / "mamlserve", description="this machine's model conversion, logs "
+                           "and the command-line tools' bank and checkpoints (the service keeps its state in Redis)")
 
     # --- base model: "smollm2" (embedded), "tiny" (random, for tests), a HF folder or a .gguf file
     base_model: str = "smollm2"
@@ -55,6 +56,8 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"  # broker, results, task records (noeviction, AOF)
     cache_redis_url: str = "redis://127.0.0.1:6380/0"  # adapted weights (allkeys-lru)
     weights_ttl_s: int = 7 * 24 * 3600
+    blob_chunk_bytes: int = Field(8 << 20, ge=1024, description="values in Redis (weights, checkpoints, the bank) are "
+                                  "stored in chunks of at most this many bytes (a Redis string holds at most 512 MB)")
     worker_lru_size: int = 8
     api_keys: dict[str, str] = {"dev-key": "dev"}  # key -> tenant
     admin_key: str = "dev-admin-key"
@@ -67,7 +70,8 @@ class Settings(BaseSettings):
     max_waiting_predicts: int = Field(32, ge=1, description="per tenant: /predict calls in flight at once (waiting "
                                       "for their task to be ready or for the worker)")
     max_weights_bytes: int = Field(2_000_000_000, ge=0, description="per tenant: bytes of adapted weights its tasks "
-                                   "hold (LoRA in the cache, full-mode deltas on disk); an adaptation beyond it fails")
+                                   "hold (in the cache Redis; imported adapters in the records Redis); an adaptation "
+                                   "beyond it fails")
     max_predict_tokens: int = Field(32_768, ge=1, description="per /predict call: tokens scored, over its inputs and "
                                     "each input's options (input + option; input + max_new_tokens to generate)")
     max_requests_per_minute: int = Field(600, ge=1, description="per tenant: authenticated requests in any 60 s")
@@ -80,14 +84,17 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(24 * 3600, ge=1, description="how long an Idempotency-Key's first answer is kept")
     adapt_time_limit_s: int = 1800
     meta_train_time_limit_s: int = 6 * 3600
-    visibility_timeout_s: int = 0  # broker redelivery of unacked tasks; 0: the longest hard time limit + 10 min
+    visibility_timeout_s: int = Field(0, ge=0, description="broker redelivery of a message its worker never acknowledged; "
+                                      "0: per queue, its task's hard time limit + 10 min (adapt: 40 min, meta: 6 h 10 min)")
     predict_timeout_s: float = 300.0  # how long /predict waits for the worker (a re-adaptation included)
     predict_linger_ms: float = 10.0  # an idle task's first /predict waits this long for concurrent calls to batch with
     torch_threads: int = 0  # the worker's torch threads; 0: torch's default (one per core)
 
     # --- crash recovery: a run whose worker stopped beating is queued again by the API's reaper
-    heartbeat_s: float = Field(2.0, gt=0, description="how often a worker process reports itself and the run it is on")
+    heartbeat_s: float = Field(1.0, gt=0, description="how often a worker process reports itself and the run it is on")
     worker_dead_after_s: float = Field(10.0, gt=0, description="a worker silent this long is gone (/readyz, the reaper)")
+    predict_dead_after_s: float = Field(4.0, gt=0, description="a worker holding a /predict call and silent this long "
+                                        "is dead: the call goes to another worker (a prediction is safe to repeat)")
     reap_every_s: float = Field(5.0, gt=0, description="how often the API looks for runs whose worker is gone")
     enqueue_grace_s: float = Field(30.0, gt=0, description="a task not enqueued after this long (its creator died) is enqueued by the reaper")
 

@@ -1,6 +1,6 @@
 """app/adaptations.py against a real Redis and a real broker (a database no worker consumes):
-run ids fence the records, the reaper queues again only runs whose own worker is gone, and
-enqueues what its creator could not."""
+run ids fence the records, the reaper queues again only runs (and meta-training jobs) whose own
+worker is gone, and enqueues what its creator could not."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import json
 import pytest
 import redis
 
-from app.adaptations import enqueue, new_run, reap, retry_failed, sender
+from app.adaptations import enqueue, job_sender, new_run, reap, reap_jobs, retry_failed, sender
 from conftest import RECORDS_PORT, settings
 from worker.celery_app import make_celery
 from worker.store import Store, now
 
 DB = 9
 DEAD_AFTER_S = 3.0
+FP = "fp0"  # the configuration the sender's fallback names
 
 
 @pytest.fixture
@@ -24,13 +25,13 @@ def env(redis_servers):
     db = redis.Redis.from_url(url)
     db.flushdb()
     store = Store.from_url(url)
-    yield store, sender(make_celery(settings(redis_url=url))), db
+    yield store, sender(make_celery(settings(redis_url=url)), FP), db
     db.flushdb()
 
 
-def sent(db) -> list[list]:
-    """The adapt messages on the broker, oldest first: [task id, run]."""
-    return [json.loads(json.loads(m)["headers"]["argsrepr"].replace("'", '"')) for m in reversed(db.lrange("adapt", 0, -1))]
+def sent(db, queue: str = f"adapt.{FP}") -> list[list]:
+    """The messages on a queue of the broker, oldest first: [task id, run] (adapt), [job id] (meta)."""
+    return [json.loads(json.loads(m)["headers"]["argsrepr"].replace("'", '"')) for m in reversed(db.lrange(queue, 0, -1))]
 
 
 def task(store: Store, task_id: str, **fields) -> str:
@@ -132,5 +133,24 @@ def test_enqueue_marks_only_its_own_run(env):
     store, send, db = env
     run = task(store, "t1")
     store.requeue_task("t1", {"run": run}, new_run())
-    enqueue(store, send, "t1", run)  # a late sender of the old run
+    enqueue(store, send, "t1", run, None)  # a late sender of the old run
     assert not store.task("t1")["enqueued"]
+
+
+def test_a_run_goes_to_the_adapt_queue_of_its_configuration(env):
+    store, send, db = env
+    run = task(store, "t1", fingerprint="fp1")
+    enqueue(store, send, "t1", run, "fp1")
+    assert sent(db, "adapt.fp1") == [["t1", run]] and sent(db) == []
+
+
+def test_reaper_sends_again_once_a_job_whose_worker_is_silent_and_leaves_a_live_ones_alone(env):
+    store, _, db = env
+    send_job = job_sender(make_celery(settings(redis_url=f"redis://127.0.0.1:{RECORDS_PORT}/{DB}")), FP)
+    for job, worker in (("dead-job", "host:1"), ("live-job", "host:2")):
+        store.create_job(job, {"state": "running", "worker": worker, "fingerprint": "fp1", "progress": {}})
+    store.r.hset("ms:workers", "host:1", json.dumps({"run": "job:dead-job", "at": now() - DEAD_AFTER_S - 1}))
+    store.beat("host:2", {"run": "job:live-job"})
+    assert reap_jobs(store, send_job, dead_after_s=DEAD_AFTER_S) == ["dead-job"]
+    assert sent(db, "meta.fp1") == [["dead-job"]] and store.job("dead-job")["worker"] is None
+    assert reap_jobs(store, send_job, dead_after_s=DEAD_AFTER_S) == []  # sent once: the next worker claims it

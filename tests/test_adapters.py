@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from conftest import ENV, auth, sentiment, wait_status
+from conftest import auth, sentiment, wait_status
 from model.prompts import Formatter
 from model.tiny import tiny_config, tiny_model, tiny_tokenizer
 
@@ -84,21 +84,23 @@ def close(a: list[dict[str, float]], b: list[dict[str, float]]) -> bool:
 
 
 def save_checkpoint(space: str) -> str:
-    """A meta-trained checkpoint in the worker's registry, made directly: a LoRA with B off zero, or
+    """A meta-trained checkpoint in the service's registry, made directly: a LoRA with B off zero, or
     full weights moved off the base."""
+    from conftest import settings
     from helpers import tiny_lm
     from model import checkpoints
     from model.adapt import AdamState
+    from worker.blobs import shared
 
     lm = tiny_lm()
-    data_dir = Path(ENV["MAMLSERVE_DATA_DIR"])
+    registry = shared(settings())
     g = torch.Generator().manual_seed(7)
     if space == "lora":
         params = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in lm.lora_init(3).items()}
     else:
         params = {k: v + 0.02 * torch.randn(v.shape, generator=g) if "q_proj" in k else v for k, v in lm.params("full").items()}
-    ckpt = checkpoints.new_id(data_dir, "test", space, "adapters")
-    checkpoints.save(data_dir, ckpt, params, AdamState(), {"space": space, "method": "test", "setting": "adapters",
+    ckpt = checkpoints.new_id(registry, "test", space, "adapters")
+    checkpoints.save(registry, ckpt, params, AdamState(), {"space": space, "method": "test", "setting": "adapters",
                      "base_model": {"name": lm.name, "sha256": lm.sha256}, "lora": {"r": lm.lora.r, "targets": list(lm.lora.targets)}})
     return ckpt
 

@@ -38,7 +38,10 @@ def test_stored_weights_are_bounded_per_tenant(service):
     assert f"over the limit of {LIMIT} bytes" in ends[failed[0]]["error"]
     held = store.usage("tenant-a", "weights_bytes")
     assert 300_000 < held <= LIMIT and held == store.task(ready[0])["weights_bytes"]
-    assert store.task(failed[0]).get("weights_path") is None  # its weights were not kept
+    from worker.blobs import weights_cache
+    from worker.store import task_weights_key
+
+    assert weights_cache(c.app.state.settings).get(task_weights_key(store.task(failed[0]))) is None  # not kept
 
     # Now the size of a full-mode task is known: a third is refused at once, with a 429.
     r = c.post("/tasks", json=full("quota-2"), headers=auth())

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from conftest import KEY, OTHER_KEY, auth, sentiment, wait_status
-from worker.store import weights_key
+from worker.store import task_weights_key
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -86,17 +86,22 @@ def test_predict_409_until_ready_then_wait(client):
 
 
 def metric(client, name: str) -> float:
-    text = client.get("/metrics").text
-    for line in text.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
+    """The sum of a family's samples over its labels (each worker has its own)."""
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith((name + " ", name + "{"))]
+    if not lines:
+        raise AssertionError(f"{name} not in /metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def weights_head(client, task_id: str) -> str:
+    """The Redis key of the head of a task's weights in the cache (worker/blobs.py)."""
+    return "ms:blob:" + task_weights_key(client.app.state.store.task(task_id))
 
 
 def test_evicted_weights_are_adapted_again_on_predict(client, cache):
     task = create(client, {**sentiment(tag="evict"), "adaptation": {"steps": 2}}).json()
     wait_status(client, task["id"])
-    key = weights_key("base", client.app.state.store.task(task["id"])["hash"])
+    key = weights_head(client, task["id"])
     assert cache.exists(key)
     before = client.post("/predict", json={"task_id": task["id"], "inputs": ["a joy"]}, headers=auth()).json()
     # Push the task out of the worker's in-process LRU (size 2) with two other tasks...
@@ -142,11 +147,13 @@ def test_adapter_is_a_peft_archive(client, tmp_path):
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # adapted: B moved off its zero init
 
 
-def test_full_mode_weights_on_disk(client, records):
+def test_full_mode_weights_are_in_the_cache_redis_under_the_configuration(client, cache):
     task = create(client, {**sentiment(tag="full"), "adaptation": {"mode": "full", "steps": 1}}).json()
     wait_status(client, task["id"])
     rec = client.app.state.store.task(task["id"])
-    assert rec["weights_path"].endswith(".safetensors") and len(rec["weights_sha256"]) == 64
+    fp = client.app.state.fingerprint
+    assert rec["fingerprint"] == fp and rec["weights_key"] == f"weights/{fp}/base/{rec['hash']}"
+    assert cache.exists(weights_head(client, task["id"])) and "weights_path" not in rec
     r = client.post("/predict", json={"task_id": task["id"], "inputs": ["a joy"]}, headers=auth())
     assert r.status_code == 200, r.text
     r = client.get(f"/tasks/{task['id']}/adapter", params={"format": "lora"}, headers=auth())
@@ -160,7 +167,7 @@ def test_list_and_delete(client, cache):
     assert task["id"] in [t["id"] for t in page["items"]] and page["total"] >= 1
     first = client.get("/tasks", params={"limit": 1}, headers=auth()).json()
     assert len(first["items"]) == 1 and (first["next_offset"] == 1 or first["total"] == 1)
-    key = weights_key("base", client.app.state.store.task(task["id"])["hash"])
+    key = weights_head(client, task["id"])
     assert cache.exists(key)
     assert client.delete(f"/tasks/{task['id']}", headers=auth()).status_code == 204
     assert client.get(f"/tasks/{task['id']}", headers=auth()).status_code == 404
@@ -172,7 +179,8 @@ def test_readyz_and_metrics(client):
     r = client.get("/readyz")
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["ready"] and body["workers"] and body["models"]
+    assert body["ready"] and body["workers"] and body["models"] and body["mismatched"] == []
+    assert body["fingerprint"] == client.app.state.fingerprint and set(body["queues"]) == {"predict", "adapt", "meta"}
     assert client.get("/healthz").json() == {"status": "ok"}
     text = client.get("/metrics").text
     for name in ("http_request_duration_seconds", "mamlserve_queue_depth", "mamlserve_adaptation_seconds_count",
@@ -183,19 +191,21 @@ def test_readyz_and_metrics(client):
 
 
 def test_each_call_lands_in_exactly_one_queue(redis_servers):
-    """A shared routing key would copy every message into all queues (and run everything thrice)."""
+    """A shared routing key would copy every message into all queues (and run everything thrice):
+    adaptations and meta-training go to their configuration's queue, a prediction to one worker's."""
     from conftest import RECORDS_PORT, settings
-    from worker.celery_app import QUEUES, make_celery
+    from worker.celery_app import direct, make_celery, queue
 
     url = f"redis://127.0.0.1:{RECORDS_PORT}/7"  # a database no worker consumes
     celery = make_celery(settings(redis_url=url))
     db = redis.Redis.from_url(url)
+    lists = [queue("adapt", "fp1"), queue("meta", "fp1"), queue("adapt", "fp2"), direct("w1@host"), direct("w2@host")]
     try:
-        for name, queue in (("worker.tasks.predict", "predict"), ("worker.tasks.adapt", "adapt"),
-                            ("worker.tasks.meta_train", "meta")):
-            celery.send_task(name, args=["x"], ignore_result=True)
-            assert {q: db.llen(q) for q in QUEUES} == {q: int(q == queue) for q in QUEUES}
-            db.delete(queue)
+        for i, (name, q) in enumerate(zip(("worker.tasks.adapt", "worker.tasks.meta_train", "worker.tasks.adapt",
+                                           "worker.tasks.predict", "worker.tasks.predict"), lists)):
+            celery.send_task(name, args=["x"], queue=q, ignore_result=True)
+            assert [db.llen(x.name) for x in lists] == [int(j == i) for j in range(len(lists))]
+            db.delete(q.name)
     finally:
         db.flushdb()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 import json
-import shutil
 
 from conftest import ADMIN_KEY, TMP, auth, sentiment, wait_for, wait_status
 
@@ -102,7 +101,10 @@ def test_cancel_queued_job(client, records):
                                     "state": "queued", "progress": {}, "metrics": {}, "cancel": False})
     r = client.post("/admin/jobs/queued-job/cancel", headers=ADMIN)
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
-    result = client.app.state.celery.send_task("worker.tasks.meta_train", args=["queued-job"])
+    from worker.celery_app import queue
+
+    result = client.app.state.celery.send_task("worker.tasks.meta_train", args=["queued-job"],
+                                               queue=queue("meta", client.app.state.fingerprint))
     assert result.get(timeout=60) == "done"
     job = client.get("/admin/jobs/queued-job", headers=ADMIN).json()
     assert job["state"] == "cancelled" and job["started_at"] is None and job["checkpoint"] is None
@@ -121,23 +123,24 @@ def test_meta_train_without_the_bank_is_409_naming_the_command_and_makes_no_job(
 
 def test_no_response_names_a_server_path(client):
     """Not in a 422 naming an unknown checkpoint, a 404 activating one, a task's error from the worker
-    (a damaged checkpoint) or the checkpoint listing (each checkpoint's meta names the data dir)."""
+    (a damaged checkpoint) or the checkpoint listing (a checkpoint's meta may name a data dir)."""
     r = client.post("/tasks", json={**sentiment(tag="leak"), "checkpoint": "v0042-none"}, headers=auth())
-    assert r.status_code == 422 and "<server path>" in r.text and str(TMP) not in r.text, r.text
+    assert r.status_code == 422 and "no checkpoint 'v0042-none'" in r.text and str(TMP) not in r.text, r.text
     r = client.post("/admin/checkpoints/v0042-none/activate", headers=ADMIN)
     assert r.status_code == 404 and str(TMP) not in r.text, r.text
 
-    damaged = TMP / "data" / "checkpoints" / "v0901-damaged"
-    damaged.mkdir(parents=True, exist_ok=True)
-    (damaged / "meta.json").write_text(json.dumps({"id": damaged.name, "data_dir": str(TMP / "data")}))
+    from worker.blobs import shared
+
+    registry, damaged = shared(client.app.state.settings), "v0901-damaged"  # a meta.json alone: no weights
+    registry.put(f"checkpoints/{damaged}/meta.json", json.dumps({"id": damaged, "data_dir": str(TMP / "data")}).encode())
     try:
-        task = client.post("/tasks", json={**sentiment(tag="leak-ckpt"), "checkpoint": damaged.name,
+        task = client.post("/tasks", json={**sentiment(tag="leak-ckpt"), "checkpoint": damaged,
                                            "adaptation": {"steps": 1}}, headers=auth()).json()
         failed = wait_status(client, task["id"], want="failed")
         assert failed["error"] and str(TMP) not in failed["error"], failed["error"]
         r = client.post("/predict", json={"task_id": task["id"], "inputs": ["a"]}, headers=auth())
         assert r.status_code == 409 and str(TMP) not in r.text
         listing = client.get("/admin/checkpoints", headers=ADMIN)
-        assert damaged.name in listing.text and str(TMP) not in listing.text
+        assert damaged in listing.text and str(TMP) not in listing.text
     finally:
-        shutil.rmtree(damaged)
+        registry.delete(f"checkpoints/{damaged}/meta.json")

@@ -71,36 +71,6 @@ def test_a_task_deleted_while_adapting_and_posted_again_is_not_written_by_the_ol
     assert rec["attempts"] == 1 and rec["started_at"] >= reposted
 
 
-def test_recover_puts_back_what_a_dead_worker_left(redis_servers):
-    """serve.sh runs worker.recover before its worker: a message taken by a process that died
-    unacknowledged is back in its queue at once, not after the (hours-long) visibility timeout."""
-    import subprocess
-    import sys
-
-    import redis
-
-    from conftest import RECORDS_PORT, ROOT, settings
-    from worker.celery_app import make_celery
-    from worker.recover import restore_unacked
-
-    url = f"redis://127.0.0.1:{RECORDS_PORT}/8"  # a database no worker consumes
-    db = redis.Redis.from_url(url)
-    db.flushdb()
-    try:
-        make_celery(settings(redis_url=url)).send_task("worker.tasks.adapt", args=["x"])
-        assert db.llen("adapt") == 1
-        # A consumer takes it without acknowledging, then dies without any cleanup.
-        take = ("import os; from kombu import Connection; c = Connection(%r); ch = c.default_channel; "
-                "m = ch.basic_get('adapt', no_ack=False); assert m is not None; os._exit(0)") % url
-        subprocess.run([sys.executable, "-c", take], cwd=ROOT, check=True, timeout=60)
-        assert db.llen("adapt") == 0 and db.hlen("unacked") == 1
-        assert restore_unacked(url) == 1
-        assert db.llen("adapt") == 1 and db.hlen("unacked") == 0
-        assert restore_unacked(url) == 0
-    finally:
-        db.flushdb()
-
-
 @pytest.fixture(scope="module")
 def deployed(redis_servers):
     """Two workers and an API as deployed: the broker redelivers a lost message only after the

@@ -1,9 +1,12 @@
-"""The Celery app: Redis broker and result backend, three queues, crash-safe delivery.
+"""The Celery app: Redis broker, queues named by role and configuration, crash-safe delivery.
 
-Queues: `predict` and `adapt` (what users wait on) and `meta` (hours-long meta-training).
-The worker reads them in that priority order. One worker can take all three
-(`-Q predict,adapt,meta`; a training run then holds its only process until it ends), or two
-workers split them (`-Q predict,adapt` and `-Q meta`) so training never delays predictions.
+Roles: `predict` (what users wait on), `adapt` and `meta` (hours-long meta-training). A worker
+is started with the roles it takes (`-Q predict,adapt,meta`); at start it replaces them with its
+real queues (worker/tasks.py `_queues`): `adapt.<fingerprint>` and `meta.<fingerprint>`, shared
+by every worker of the same configuration (worker/config.py), and, for `predict`, its own direct
+queue: the API sends each prediction to one live worker it picks, so that it knows whom to
+watch and can send the call again elsewhere when that worker dies (app/routing.py). Any number
+of workers may start with the same command: nothing a worker does at start touches the others.
 
 Run a worker as `celery -A worker.celery_app worker -P prefork -c 1 -Q predict,adapt,meta`:
 prefork so time limits apply and a crashed child is noticed; the model loads in the child.
@@ -12,35 +15,46 @@ prefork so time limits apply and a crashed child is noticed; the model loads in 
 from __future__ import annotations
 
 from celery import Celery
+from celery.utils.nodenames import worker_direct
 from kombu import Exchange, Queue
 
 from model.settings import Settings, get_settings
 
-QUEUES = ("predict", "adapt", "meta")
+QUEUES = ("predict", "adapt", "meta")  # the roles a worker may take
+MARGIN_S = 600
 
 
-def visibility_timeout(s: Settings) -> int:
-    # The broker redelivers an unacked task after this: it must outlast the longest run.
-    return s.visibility_timeout_s or max(s.adapt_time_limit_s, s.meta_train_time_limit_s) + 600
+def queue(role: str, fingerprint: str) -> Queue:
+    """The shared queue of a role for workers of one configuration; each its own exchange and key
+    (one shared key on a direct exchange would copy every message into every queue)."""
+    name = f"{role}.{fingerprint}"
+    return Queue(name, Exchange(name), routing_key=name)
+
+
+def direct(node: str) -> Queue:
+    """A worker's own queue (Celery's worker_direct), for calls the API sends to that worker alone."""
+    return worker_direct(node)
+
+
+def visibility(s: Settings) -> dict[str, int]:
+    """Per role, how long the broker waits before it redelivers a message its worker never
+    acknowledged: it must outlast the role's longest run (acks_late), and no more, since it is
+    also how long a message lost with a killed worker waits (worker/broker.py)."""
+    if s.visibility_timeout_s:
+        return {"adapt": s.visibility_timeout_s, "meta": s.visibility_timeout_s}
+    return {"adapt": s.adapt_time_limit_s + MARGIN_S, "meta": s.meta_train_time_limit_s + MARGIN_S}
 
 
 def make_celery(s: Settings | None = None) -> Celery:
     s = s or get_settings()
-    vt = visibility_timeout(s)
+    vt = visibility(s)
+    base = min(vt.values())
     app = Celery("mamlserve", broker=s.redis_url, backend=s.redis_url, include=["worker.tasks"])
     app.conf.update(
-        # Each queue its own exchange and key: with one shared default key, a direct exchange
-        # would copy every message into all three queues.
-        task_queues=[Queue(q, Exchange(q), routing_key=q) for q in QUEUES],
-        task_default_queue="adapt",
-        task_routes={
-            "worker.tasks.predict": {"queue": "predict"},
-            "worker.tasks.adapter": {"queue": "predict"},
-            "worker.tasks.generate": {"queue": "predict"},
-            "worker.tasks.import_adapter": {"queue": "predict"},
-            "worker.tasks.adapt": {"queue": "adapt"},
-            "worker.tasks.meta_train": {"queue": "meta"},
-        },
+        broker_transport="worker.broker:Transport",
+        task_queues=[],  # every message names its queue (worker/tasks.py, app/): nothing is routed by default
+        task_default_queue="unrouted",
+        worker_direct=True,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -52,12 +66,13 @@ def make_celery(s: Settings | None = None) -> Celery:
         result_expires=24 * 3600,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
-            "visibility_timeout": vt,
-            "queue_order_strategy": "priority",  # predict before adapt before meta
-            "unacked_restore_interval": max(1, min(10, vt // 4)),
+            "visibility_timeout": base,
+            "visibility_by_role": {role: t - base for role, t in vt.items()},
+            "queue_order_strategy": "priority",
+            "unacked_restore_interval": max(1, min(10, base // 4)),
             "unacked_restore_throttle": 1,  # scan for lost messages on every interval
         },
-        result_backend_transport_options={"visibility_timeout": vt},
+        result_backend_transport_options={"visibility_timeout": base},
         worker_send_task_events=False,
         worker_hijack_root_logger=False,
     )

@@ -1,8 +1,10 @@
 """What one worker process holds: the model, loaded once, and an LRU of tasks' weights and prefixes.
 
-Weights are looked up in order: this process's LRU, then the cache Redis (LoRA bytes) or the
-disk (full-mode deltas, checked against the hash in the record), then adapted again from the
-record's demonstrations, so an evicted task answers as if nothing happened.
+Weights are looked up in order: this process's LRU, then the blob stores every machine reaches
+(worker/blobs.py: adapted LoRA weights and full-mode deltas in the cache Redis under a key with the
+configuration's fingerprint, imported adapters beside the records), then adapted again from the
+record's demonstrations, so an evicted task answers as if nothing happened. Nothing a task needs
+is on this machine's disk.
 """
 
 from __future__ import annotations
@@ -18,21 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
 import torch
 
 from model import weights
 from model.adapt import AdamState, Adapted, adapt, start_params
 from model.lm import LM, LoraSpec, Params
 from model.generation import Piece, Sampling, stream
-from model.loading import SMOLLM2, base_id, file_sha256, load_lm, load_tokenizer, model_folder
+from model.loading import SMOLLM2, base_id, load_lm, load_tokenizer, model_folder
 from model.prompts import Formatter, Row, longest
 from model.recipe import Recipe
 from model.scoring import Prediction, Prefix, encode_prefix, in_context, option_prior, predict
 from model.settings import Settings
 from model.task import Query, Task
 from worker import checkpoints
-from worker.store import BASE, Store, weights_key
+from worker.blobs import shared, store_of, weights_cache
+from worker.config import fingerprint, service_config
+from worker.store import BASE, Store, imported_key, task_weights_key, weights_key
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,10 @@ class Refused(Exception):
     """What was asked cannot be done for this task (409), and why."""
 
 
+class Misrouted(Exception):
+    """A task of another configuration reached this worker (the API sends it elsewhere)."""
+
+
 def base_info(s: Settings, lm: LM) -> dict[str, str]:
     """The base model as exports name it: its Hugging Face id, the sha256 of its weights, and
     where the service keeps it (relative to the data dir: no server path leaves the service)."""
@@ -105,7 +112,8 @@ def base_info(s: Settings, lm: LM) -> dict[str, str]:
 
 
 class Runtime:
-    def __init__(self, s: Settings):
+    def __init__(self, s: Settings, worker: str = ""):
+        """worker: the name this process's counters carry in /metrics."""
         self.s = s
         if s.torch_threads:  # two workers on one machine: split the cores, or they fight over them
             torch.set_num_threads(s.torch_threads)
@@ -113,8 +121,9 @@ class Runtime:
         dtype = None if s.dtype == "auto" else getattr(torch, s.dtype)
         self.lm: LM = load_lm(s.base_model, s.data_dir, s.device, lora_spec(s), dtype=dtype)
         self.fmt = Formatter(self.lm.encode, s.prompt_format, s.context_tokens)
-        self.store = Store.from_url(s.redis_url)
-        self.cache = redis.Redis.from_url(s.cache_redis_url, health_check_interval=30)
+        self.store = Store.from_url(s.redis_url, worker)
+        self.config = service_config(s, self.lm.sha256)
+        self.fingerprint = fingerprint(self.config)
         self.lru: OrderedDict[str, Entry] = OrderedDict()
         self.ckpts: OrderedDict[str, tuple[Params, AdamState | None]] = OrderedDict()
         self.base = base_info(s, self.lm)
@@ -159,25 +168,43 @@ class Runtime:
             fmt=self.fmt, on_step=on_step,
         )
 
+    def check_configuration(self, rec: dict[str, Any]) -> None:
+        """A task's weights are made and used under one configuration: refuse another's (the API
+        never routes one here; a record from before fingerprints has none and is this one's)."""
+        fp = rec.get("fingerprint")
+        if fp and fp != self.fingerprint:
+            raise Misrouted(f"task {rec['id']} belongs to configuration {fp}; this worker runs {self.fingerprint}")
+
     def store_weights(self, rec: dict[str, Any], result: Adapted) -> dict[str, Any]:
-        """Persist adapted weights (and the options' prior, in the same safetensors' metadata);
-        returns the record fields that point at them."""
+        """Store adapted weights (LoRA, or the full-mode delta from the starting point; the options'
+        prior in the same safetensors' metadata) where every worker finds them; returns the record
+        fields that point at them."""
         digest, ckpt = rec["hash"], rec["checkpoint"]
         ck = self.checkpoint(ckpt)
+        key = weights_key(self.fingerprint, ckpt, digest)
         if result.mode == "lora":
-            data = weights.to_bytes(result.params, _meta(result.prior))
-            self.cache.set(weights_key(ckpt, digest), data, ex=self.s.weights_ttl_s)
+            weights_cache(self.s).put(key, weights.to_bytes(result.params, _meta(result.prior)))
             self._remember(digest, Entry({**ck, **result.params}, result.params, result.prior))
-            return {}
+            return {"weights_key": key}
         fixed, start = self._full_start(ck)
-        path = Path(self.s.data_dir) / "weights" / ckpt / f"{digest}.safetensors"
-        weights.save(result.delta(start), path, _meta(result.prior))
+        weights_cache(self.s).put(key, weights.to_bytes(result.delta(start), _meta(result.prior)))
         self._remember(digest, Entry({**fixed, **result.params}, result.params, result.prior))
-        return {"weights_path": str(path), "weights_sha256": file_sha256(path)}
+        return {"weights_key": key}
+
+    def _blob(self, rec: dict[str, Any]) -> tuple[Params, dict[str, str]] | None:
+        key = task_weights_key(rec)
+        data = store_of(self.s, key).get(key)
+        if data is None:
+            log.info("task %s: weights %s not found (evicted, or never stored)", rec["id"], key)
+            return None
+        log.info("task %s: weights %s read from the %s (%d bytes)", rec["id"], key,
+                 "records Redis" if key.startswith("imported/") else "cache Redis", len(data))
+        return weights.from_bytes_meta(data, self.lm.device)
 
     def load_weights(self, rec: dict[str, Any]) -> Entry | None:
-        """The task's weights from the LRU, the cache Redis or the disk; None when they are gone.
-        An in-context task has no weights: its prior (when its recipe calibrates) is computed here."""
+        """The task's weights from the LRU or the blob stores; None when they are gone. An in-context
+        task has no weights: its prior (when its recipe calibrates) is computed here."""
+        self.check_configuration(rec)
         digest, ckpt = rec["hash"], rec["checkpoint"]
         if digest in self.lru:
             self.lru.move_to_end(digest)
@@ -189,30 +216,19 @@ class Runtime:
             task = Task.model_validate(rec["task"])
             prior = option_prior(self.lm, task, ck or None, recipe, self.fmt) if recipe.calibrate else None
             return self._remember(digest, Entry(dict(ck), {}, prior))
-        if rec["mode"] == "lora" and rec.get("imported"):  # kept on disk: nothing could adapt it again
-            path = Path(rec.get("weights_path") or "")
-            if not path.is_file() or file_sha256(path) != rec.get("weights_sha256"):
-                raise Refused("the imported adapter's weights are gone from the server: delete the task and import "
+        got = self._blob(rec)
+        if got is None:
+            if rec.get("imported"):  # nothing could adapt it again
+                raise Refused("the imported adapter's weights are gone from the service: delete the task and import "
                               "the adapter again")
-            lora, meta = weights.load_meta(path, self.lm.device)
-            self.store.count("weights_hit_disk")
-            return self._remember(digest, Entry({**ck, **lora}, lora, _prior(meta)))
-        if rec["mode"] == "lora":
-            data = self.cache.get(weights_key(ckpt, digest))
-            if data is None:
-                self.store.count("weights_miss")
-                return None
-            lora, meta = weights.from_bytes_meta(data, self.lm.device)
-            self.store.count("weights_hit_cache")
-            return self._remember(digest, Entry({**ck, **lora}, lora, _prior(meta)))
-        path = Path(rec.get("weights_path") or "")
-        if not path.is_file() or file_sha256(path) != rec.get("weights_sha256"):
             self.store.count("weights_miss")
             return None
+        self.store.count("weights_hit_store" if rec.get("imported") else "weights_hit_cache")
+        tensors, meta = got
+        if rec["mode"] == "lora":
+            return self._remember(digest, Entry({**ck, **tensors}, tensors, _prior(meta)))
         fixed, start = self._full_start(ck)
-        delta, meta = weights.load_meta(path, self.lm.device)
-        full = {k: start[k] + d.to(start[k].dtype) for k, d in delta.items()}
-        self.store.count("weights_hit_disk")
+        full = {k: start[k] + d.to(start[k].dtype) for k, d in tensors.items()}
         return self._remember(digest, Entry({**fixed, **full}, full, _prior(meta)))
 
     def ensure_weights(self, rec: dict[str, Any]) -> Entry:
@@ -226,16 +242,13 @@ class Runtime:
         self.store.observe_adaptation(time.monotonic() - t0)
         self.store.add_adapt_seconds(rec["tenant"], time.monotonic() - t0)
         self.store.count("readaptations")
-        pointer = self.store_weights(rec, result)
-        if pointer:
-            self.store.update_task(rec["id"], **pointer)
+        self.store_weights(rec, result)  # under the key the record names already
         return self.lru[rec["hash"]]
 
     def drop_weights(self, rec: dict[str, Any]) -> None:
         self.forget(rec["hash"])
-        self.cache.delete(weights_key(rec["checkpoint"], rec["hash"]))
-        if rec.get("weights_path"):
-            Path(rec["weights_path"]).unlink(missing_ok=True)
+        key = task_weights_key(rec)
+        store_of(self.s, key).delete(key)
 
     # --- prediction
     def _prefix(self, entry: Entry, task: Task, recipe: Recipe, rows: list[Row]):
@@ -305,8 +318,10 @@ class Runtime:
         return kind, weights.peft_zip(self.lm, lora, self.base["id"], info)
 
     def import_adapter(self, rec: dict[str, Any], data: bytes, max_bytes: int) -> dict[str, Any]:
-        """Check a PEFT adapter zip against this base and store it on disk for the task (a record not
-        created yet): the record fields that point at it. AdapterError says what does not fit."""
+        """Check a PEFT adapter zip against this base and store it beside the records for the task
+        (a record not created yet): the record fields that point at it. AdapterError says what does
+        not fit."""
+        self.check_configuration(rec)
         files = weights.read_zip(data, max_bytes)
         try:
             cfg = json.loads(files[weights.CONFIG])
@@ -321,7 +336,7 @@ class Runtime:
         recipe, task = recipe_of(rec), Task.model_validate(rec["task"])
         ck = self.checkpoint(rec["checkpoint"])
         prior = option_prior(self.lm, task, {**ck, **lora}, recipe, self.fmt) if recipe.calibrate else None
-        path = Path(self.s.data_dir) / "weights" / "imported" / f"{rec['hash']}.safetensors"
-        weights.save(lora, path, _meta(prior))
-        return {"weights_path": str(path), "weights_sha256": file_sha256(path), "weights_bytes": path.stat().st_size}
+        key, blob = imported_key(rec["hash"]), weights.to_bytes(lora, _meta(prior))
+        shared(self.s).put(key, blob)
+        return {"weights_key": key, "weights_bytes": len(blob)}
 

@@ -1,9 +1,11 @@
 """Task and job records in the broker's Redis (AOF on, noeviction): shared by app/ and worker/.
 
 A task record is a hash holding the request (demonstrations included), its status and its
-progress; its id is derived from the tenant and the request's content, so the same request
-from the same tenant finds the same record. Weights never live here: LoRA weights go to the
-cache Redis (may evict), full-mode deltas to disk (the record holds their path and hash).
+progress; its id is derived from the tenant, the request's content and the service's
+configuration fingerprint (worker/config.py), so the same request from the same tenant finds the
+same record. Weights are blobs (worker/blobs.py), never files: adapted ones (LoRA and full mode)
+in the cache Redis under a key with the fingerprint (they may be evicted: adapted again),
+imported adapters beside the records (nothing could make them again). A record holds the key.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ TENANT = "ms:tenant:"  # + tenant -> zset of task ids by creation time
 JOB = "ms:job:"  # + id -> hash
 JOBS = "ms:jobs"  # zset of job ids by creation time
 ACTIVE = "ms:checkpoint:active"  # the checkpoint new tasks start from by default
-METRICS = "ms:metrics"  # counters the worker adds to and /metrics reads
+METRICS = "ms:metrics:"  # + worker -> hash: counters that worker adds to and /metrics reads
+METRIC_WORKERS = "ms:metrics"  # set: the workers with counters
 REPLY = "ms:reply:"  # + uuid -> list the worker pushes a prediction reply onto
 WORKERS = "ms:workers"  # hash: process -> its model, the run it is on and its last heartbeat
 USAGE = "ms:usage:"  # + tenant -> hash: weights_bytes, what the tenant's tasks hold
@@ -31,8 +34,10 @@ PENDING = "ms:pending"  # zset: ids of queued or adapting tasks (what the reaper
 ADAPT_S = "ms:adapt_s:"  # + tenant:minute -> adaptation seconds the tenant's runs took in that minute (expire in 1 h)
 IDEM = "ms:idem:"  # + scope:key -> the first answer to a request with that Idempotency-Key
 CANCEL = "ms:cancel:"  # + reply -> set when the caller of a streamed generation went away
+TAKEN = "ms:taken:"  # + reply -> the worker process that took the call (the API watches its heartbeat)
 
 BASE = "base"  # the checkpoint id of the base model (no meta-training)
+FORGET_S = 600  # a worker process silent this long is dropped from the heartbeats
 ADAPT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 # Redis blips (restart, failover) should not fail a request or a finished adaptation.
@@ -98,8 +103,18 @@ def content_hash(tenant: str, payload: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def weights_key(checkpoint: str, digest: str) -> str:
-    return f"ms:w:{checkpoint}:{digest}"
+def weights_key(fingerprint: str, checkpoint: str, digest: str) -> str:
+    """The blob key of adapted weights: one per configuration, starting point and task content."""
+    return f"weights/{fingerprint}/{checkpoint}/{digest}"
+
+
+def imported_key(digest: str) -> str:
+    return f"imported/{digest}"
+
+
+def task_weights_key(rec: dict[str, Any]) -> str:
+    """The key of the task's weights: the record's own (imported adapters), else its adapted weights'."""
+    return rec.get("weights_key") or weights_key(rec.get("fingerprint") or "", rec["checkpoint"], rec["hash"])
 
 
 def _strs(fields: dict[str, Any]) -> dict[str, str]:
@@ -116,16 +131,17 @@ def _decode(raw: dict[str, str]) -> dict[str, Any]:
 
 
 class Store:
-    def __init__(self, r: redis.Redis):
+    def __init__(self, r: redis.Redis, label: str = ""):
         self.r = r
+        self.label = label  # the worker whose counters this process adds to (/metrics' worker label)
         self._create = r.register_script(_CREATE)
         self._update = r.register_script(_UPDATE)
         self._set_if = r.register_script(_SET_IF)
         self._charge = r.register_script(_CHARGE)
 
     @classmethod
-    def from_url(cls, url: str) -> Store:
-        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30))
+    def from_url(cls, url: str, label: str = "") -> Store:
+        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30), label)
 
     # --- tasks
     @retrying
@@ -294,6 +310,11 @@ class Store:
     def set_active_checkpoint(self, checkpoint: str) -> None:
         self.r.set(ACTIVE, checkpoint)
 
+    # --- calls the API sends to one worker: which process took it
+    @retrying
+    def take(self, reply: str, process: str, ttl_s: int) -> None:
+        self.r.set(TAKEN + reply, process, ex=max(1, int(ttl_s)))
+
     # --- worker processes with the model loaded (for /readyz)
     @retrying
     def beat(self, process: str, info: dict[str, Any]) -> None:
@@ -317,31 +338,37 @@ class Store:
 
     @retrying
     def live_workers(self, max_age_s: float) -> dict[str, dict[str, Any]]:
-        """Processes that beat within max_age_s; older entries (killed processes) are dropped."""
+        """Processes that beat within max_age_s; entries silent for FORGET_S (killed processes) are dropped."""
         live, stale = {}, []
         for k, v in self.r.hgetall(WORKERS).items():
             info = json.loads(v)
             if now() - info["at"] <= max_age_s:
                 live[k] = info
-            else:
+            elif now() - info["at"] > max(max_age_s, FORGET_S):
                 stale.append(k)
         if stale:
             self.r.hdel(WORKERS, *stale)
         return live
 
-    # --- metrics the worker reports (read by the API's /metrics)
+    # --- metrics each worker reports under its name (read by the API's /metrics, one label per worker)
     @retrying
     def count(self, name: str, by: float = 1) -> None:
-        self.r.hincrbyfloat(METRICS, name, by)
+        self.r.pipeline().hincrbyfloat(METRICS + self.label, name, by).sadd(METRIC_WORKERS, self.label).execute()
 
     def observe_adaptation(self, seconds: float) -> None:
-        pipe = self.r.pipeline()
-        pipe.hincrbyfloat(METRICS, "adapt_seconds_sum", seconds).hincrby(METRICS, "adapt_seconds_count", 1)
+        key = METRICS + self.label
+        pipe = self.r.pipeline().sadd(METRIC_WORKERS, self.label)
+        pipe.hincrbyfloat(key, "adapt_seconds_sum", seconds).hincrby(key, "adapt_seconds_count", 1)
         for b in ADAPT_BUCKETS:
             if seconds <= b:
-                pipe.hincrby(METRICS, f"adapt_seconds_le_{b}", 1)
+                pipe.hincrby(key, f"adapt_seconds_le_{b}", 1)
         retrying(pipe.execute)()
 
     @retrying
-    def metrics(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.r.hgetall(METRICS).items()}
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """worker -> its counters."""
+        names = sorted(self.r.smembers(METRIC_WORKERS))
+        pipe = self.r.pipeline()
+        for w in names:
+            pipe.hgetall(METRICS + w)
+        return {w: {k: float(v) for k, v in got.items()} for w, got in zip(names, pipe.execute())}

@@ -2,7 +2,14 @@
 
 Every task is idempotent: `adapt` delivered twice (a worker died after finishing, or during)
 checks the record first and ends with the task ready once; `predict`/`adapter` answer on a
-reply list the API waits on with BLPOP, so their results never need the result backend.
+reply list the API waits on with BLPOP, so their results never need the result backend, and
+mark the call taken by this process, so that the API, watching this process's heartbeat, sends
+the call to another worker within seconds when this one dies.
+
+Each process beats a heartbeat (worker/store.py WORKERS): its model and configuration
+fingerprint, its node (whose direct queue reaches it), its roles, and the run it is on. The API
+reads them to route calls (app/routing.py), for /readyz, and to queue again a run whose own
+worker stopped beating (app/adaptations.py).
 """
 
 from __future__ import annotations
@@ -16,22 +23,23 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import celeryd_after_setup, worker_process_init, worker_process_shutdown
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from model.generation import Sampling
 from model.prompts import PromptTooLong
 from model.settings import get_settings
 from model.task import Query
-from worker.celery_app import app
+from worker.blobs import shared, store_of
+from worker.celery_app import QUEUES, app, direct, queue
 from worker.checkpoints import CheckpointError
-from worker.runtime import Refused, Runtime
-from worker.store import CANCEL, REPLY, Store, now, retrying, weights_key
+from worker.config import fingerprint, local_config
+from worker.runtime import Misrouted, Refused, Runtime
+from worker.store import CANCEL, REPLY, Store, now, retrying, task_weights_key
 
 log = logging.getLogger(__name__)
 S = get_settings()
@@ -43,8 +51,31 @@ patient = retry(retry=retry_if_exception_type(TRANSIENT), stop=stop_after_delay(
 _runtime: Runtime | None = None
 _stop = threading.Event()
 _beat_lock = threading.Lock()
-_on: dict[str, str] = {}  # the task and run this process is adapting, sent with every heartbeat
+_on: dict[str, str] = {}  # the task (or job) and run this process is on, sent with every heartbeat
 ME = ""  # this process in the heartbeats: host:pid
+NODE = ""  # the Celery worker this process belongs to (its direct queue's name), set before the pool forks
+ROLES: list[str] = list(QUEUES)  # the roles it was started with (-Q)
+_parent = 0  # a pool child's Celery parent process (0: not a pool child)
+
+
+@celeryd_after_setup.connect
+def _queues(sender: str, instance, **_: Any) -> None:
+    """Replace the roles given with -Q by this worker's queues: `adapt.<fingerprint>` and
+    `meta.<fingerprint>`, shared with the workers of the same configuration, and its direct
+    queue for the API's calls (worker/celery_app.py). In the parent, before the pool forks: the
+    children inherit NODE and ROLES; the fingerprint needs no model loaded (its files' hash)."""
+    global NODE, ROLES
+    NODE = sender
+    queues = instance.app.amqp.queues
+    ROLES = [r for r in QUEUES if r in (queues.consume_from or QUEUES)]
+    fp = fingerprint(local_config(S))
+    for name in list(queues.consume_from or queues):
+        queues.deselect(name)
+    queues.select_add(direct(NODE))  # first: the queue order is the priority order
+    for role in ("adapt", "meta"):
+        if role in ROLES:
+            queues.select_add(queue(role, fp))
+    log.info("worker %s: roles %s, configuration %s", NODE, ",".join(ROLES), fp)
 
 
 def runtime() -> Runtime:
@@ -52,13 +83,14 @@ def runtime() -> Runtime:
     global _runtime, ME
     if _runtime is None:
         ME = f"{socket.gethostname()}:{os.getpid()}"
-        _runtime = Runtime(get_settings())
+        _runtime = Runtime(get_settings(), NODE or ME)
         threading.Thread(target=_heartbeat, args=(_runtime,), daemon=True).start()
     return _runtime
 
 
-def _model_info(rt: Runtime) -> dict[str, str]:
-    return {"model": rt.lm.name, "sha256": rt.lm.sha256, "device": str(rt.lm.device)}
+def _model_info(rt: Runtime) -> dict[str, Any]:
+    return {"model": rt.lm.name, "sha256": rt.lm.sha256, "device": str(rt.lm.device), "node": NODE,
+            "roles": ROLES, "fingerprint": rt.fingerprint, "config": rt.config}
 
 
 def _beat(rt: Runtime) -> None:
@@ -68,8 +100,13 @@ def _beat(rt: Runtime) -> None:
 
 
 def _heartbeat(rt: Runtime) -> None:
-    """Tell /readyz that a process with the model loaded is alive, and the reaper which run it is on."""
+    """Tell /readyz that a process with the model loaded is alive, and the reaper which run it is on.
+    A pool child whose Celery parent was killed exits: nothing would take its calls or acknowledge
+    its message, and it must not look alive (the API routes calls by heartbeat)."""
     while not _stop.is_set():
+        if _parent and os.getppid() != _parent:
+            log.error("the worker's parent process %d is gone: exiting", _parent)
+            os._exit(1)
         try:
             _beat(rt)
         except Exception:  # Redis away for a moment: the next beat tries again
@@ -80,7 +117,8 @@ def _heartbeat(rt: Runtime) -> None:
 
 @contextmanager
 def running(rt: Runtime, task_id: str, run: str | None):
-    """The heartbeat says this run from before the caller claims it until after it has let it go."""
+    """The heartbeat says this run (of a task, or a meta-training job's) from before the caller
+    claims it until after it has let it go."""
     global _on
     with _beat_lock:
         _on = {"task": task_id, "run": run}
@@ -99,6 +137,8 @@ def running(rt: Runtime, task_id: str, run: str | None):
 @worker_process_init.connect
 def _load_model(**_: Any) -> None:
     # In the pool child, never the parent: CUDA must not be initialised before the fork.
+    global _parent
+    _parent = os.getppid()
     runtime()
 
 
@@ -128,6 +168,10 @@ def adapt(self, task_id: str, run: str | None = None) -> str:
     run = run or rec.get("run")
     if rec.get("run") != run:
         return "superseded"  # the reaper, or a repost after a failure, gave the task a new run
+    if rec.get("fingerprint") not in (None, rt.fingerprint):  # its queue is its configuration's: never expected
+        log.error("task %s: configuration %s, this worker's is %s; not adapting it", task_id, rec["fingerprint"],
+                  rt.fingerprint)
+        return "misrouted"
     if rec["status"] == "ready" and rt.load_weights(rec) is not None:
         return "ready"  # a redelivery after the work was done
     if rec["status"] == "failed":
@@ -195,10 +239,9 @@ def _adapt(rt: Runtime, rec: dict[str, Any], run: str | None) -> str:
 
 
 def _weights_size(rt: Runtime, rec: dict[str, Any], pointer: dict[str, Any]) -> int:
-    """Bytes the task's stored weights take: the full-mode file, or the LoRA value in the cache."""
-    if pointer.get("weights_path"):
-        return Path(pointer["weights_path"]).stat().st_size
-    return int(rt.cache.strlen(weights_key(rec["checkpoint"], rec["hash"])))
+    """Bytes the task's stored weights take (LoRA or a full-mode delta, in the cache)."""
+    key = task_weights_key({**rec, **pointer})
+    return int(store_of(rt.s, key).size(key) or 0)
 
 
 @retrying
@@ -209,12 +252,21 @@ def _reply(st: Store, key: str, body: dict[str, Any]) -> None:
 def _answer(reply: str, task_id: str, fn) -> None:
     """Run fn(runtime, record) and push its result, or the error as a status and message, to the reply list."""
     rt = runtime()
+    _take(rt, reply)
     key = REPLY + reply
     # Patient: the caller waits on its reply list through a Redis restart, so the answer should come.
     rec = patient(rt.store.task)(task_id)
     if rec is None:
         return patient(_reply)(rt.store, key, {"status": 404, "error": f"task {task_id} not found"})
     patient(_reply)(rt.store, key, _safely(lambda: fn(rt, rec), task_id))
+
+
+def _take(rt: Runtime, reply: str) -> None:
+    """Say that this process has the call: the API watches its heartbeat, not only its node's."""
+    try:
+        rt.store.take(reply, ME, int(S.predict_timeout_s) + 60)
+    except TRANSIENT:  # the API still watches the node; a Redis away has the caller waiting anyway
+        log.warning("call %s: not marked taken (Redis unavailable)", reply)
 
 
 def _safely(fn, task_id: str) -> dict[str, Any]:
@@ -228,6 +280,8 @@ def _safely(fn, task_id: str) -> dict[str, Any]:
 def _error(e: Exception, task_id: str) -> dict[str, Any]:
     if isinstance(e, Refused):
         return {"status": 409, "error": str(e)}
+    if isinstance(e, Misrouted):
+        return {"status": 503, "error": str(e)}
     if isinstance(e, (PromptTooLong, CheckpointError, ValueError)):
         return {"status": 422, "error": str(e)}
     if isinstance(e, TRANSIENT):  # the cache Redis restarting: the caller retries
@@ -245,6 +299,7 @@ def _stream(reply: str, task_id: str, fn) -> None:
     it comes, and a last one with end=True: fn's last (it says end itself) or the error, as a status
     and why. Stops as soon as the caller went away (the API sets the cancel key), or stops reading."""
     rt = runtime()
+    _take(rt, reply)
     key, cancel = REPLY + reply, CANCEL + reply
     rec = patient(rt.store.task)(task_id)
     if rec is None:
@@ -328,6 +383,7 @@ def adapter(task_id: str, kind: str, reply: str) -> None:
 def import_adapter(rec: dict[str, Any], zip_b64: str, max_bytes: int, reply: str) -> None:
     """Check and store an adapter for a task record the API will create: the fields that point at it."""
     rt = runtime()
+    _take(rt, reply)
     body = _safely(lambda: rt.import_adapter(rec, base64.b64decode(zip_b64), max_bytes), rec["id"])
     patient(_reply)(rt.store, REPLY + reply, body)
 
@@ -360,36 +416,51 @@ def job_config(job: dict[str, Any], strict: bool = False):
 @app.task(name="worker.tasks.meta_train", bind=True, time_limit=S.meta_train_time_limit_s,
           soft_time_limit=soft_limit(S.meta_train_time_limit_s))
 def meta_train(self, job_id: str) -> str:
+    """Run a meta-training job, its checkpoints in the shared registry and its tasks from the bank
+    in the shared store (worker/blobs.py): any worker can run it, or continue it from its last
+    checkpoint when the worker that ran it died (the API's reaper sends it again)."""
     from model import meta_train as mt
 
-    st = Store.from_url(S.redis_url)
+    rt = runtime()
+    st = rt.store
     job = st.job(job_id)
     if job is None or job["state"] in ("succeeded", "failed", "cancelled"):
         return "done"  # a redelivery of a finished (or cancelled while queued) job
+    run = f"job:{job_id}"
+    if job["state"] == "running" and job.get("worker") != ME and st.runs(job.get("worker"), run, S.worker_dead_after_s):
+        return "running elsewhere"  # a redelivery while the first delivery is still running
     cfg = job_config(job)
-    if job["state"] == "running":  # this worker died mid-run: continue from the run's last checkpoint
-        mine = [m for m in checkpoints_listing() if (m.get("config") or {}).get("tag") == cfg.tag and m.get("step", 0) > 0]
-        if mine:
-            cfg = cfg.model_copy(update={"resume": mine[-1]["id"]})
-    st.update_job(job_id, state="running", started_at=now(), error=None)
+    mine = [m for m in checkpoints_listing() if (m.get("config") or {}).get("tag") == cfg.tag and m.get("step", 0) > 0]
+    if mine:  # a worker died mid-run: continue from the run's last checkpoint
+        cfg = cfg.model_copy(update={"resume": mine[-1]["id"]})
+
+    def mine_still() -> bool:
+        rec = st.job(job_id)
+        return rec is not None and rec.get("worker") == ME
 
     def progress(step: int, total: int, metrics: dict[str, Any]) -> None:
-        st.update_job(job_id, progress={"step": step, "steps": total}, metrics=_finite(metrics))
+        if mine_still():
+            st.update_job(job_id, progress={"step": step, "steps": total}, metrics=_finite(metrics))
 
     def should_stop() -> bool:
         rec = st.job(job_id)
-        return rec is None or bool(rec.get("cancel"))
+        return rec is None or bool(rec.get("cancel")) or rec.get("worker") != ME
 
-    try:
-        ckpt = mt.meta_train(cfg, progress=progress, should_stop=should_stop)
-    except SoftTimeLimitExceeded:
-        st.update_job(job_id, state="failed", finished_at=now(),
-                      error=f"meta-training took longer than {soft_limit(S.meta_train_time_limit_s)} s (its checkpoint is kept)")
-        return "failed"
-    except Exception as e:
-        log.exception("meta-training job %s failed", job_id)
-        st.update_job(job_id, state="failed", finished_at=now(), error=f"{type(e).__name__}: {e}")
-        return "failed"
+    with running(rt, job_id, run):
+        st.update_job(job_id, state="running", worker=ME, started_at=job.get("started_at") or now(), error=None)
+        try:
+            source = mt.task_source(cfg.setting, shared(S))
+            ckpt = mt.meta_train(cfg, progress=progress, should_stop=should_stop, source=source, registry=shared(S))
+        except SoftTimeLimitExceeded:
+            st.update_job(job_id, state="failed", finished_at=now(),
+                          error=f"meta-training took longer than {soft_limit(S.meta_train_time_limit_s)} s (its checkpoint is kept)")
+            return "failed"
+        except Exception as e:
+            log.exception("meta-training job %s failed", job_id)
+            st.update_job(job_id, state="failed", finished_at=now(), error=f"{type(e).__name__}: {e}")
+            return "failed"
+    if not mine_still():
+        return "superseded"  # the reaper gave the job to another worker meanwhile: it finishes it
     stopped = bool((st.job(job_id) or {}).get("cancel"))
     st.update_job(job_id, state="cancelled" if stopped else "succeeded", finished_at=now(), checkpoint=ckpt)
     return ckpt

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
@@ -11,14 +10,16 @@ from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
 from app import idempotency
+from app.adaptations import job_sender
 from app.idempotency import IdempotencyKey
 from app.bodies import StrictRoute
 from app.deps import CeleryDep, SettingsDep, StoreDep, admin
 from app.errors import ADMIN_ERRORS, invalid, invalid_from, public, public_values
 from app.schemas import Checkpoint, Checkpoints, JobInfo, JobPage, JobState, MetaTrainRequest
-from model.bank.store import Bank, setting_names
+from model.bank.store import load_bank, setting_names
 from model.settings import Settings
 from worker import checkpoints
+from worker.blobs import shared
 from worker.store import BASE, now
 from worker.tasks import job_config
 
@@ -55,23 +56,25 @@ def get_job_or_404(store, job_id: str) -> dict[str, Any]:
 
 
 def check_bank(s: Settings, setting: str) -> None:
-    """A task-bank setting needs the bank built on this server: checked before a job exists, so a
-    run never fails in the worker for want of it (409 naming the command that builds it)."""
+    """A task-bank setting needs the setting's tasks in the service's shared store, where every
+    worker reads them: checked before a job exists, so a run never fails in the worker for want of
+    them (409 naming the commands that put them there)."""
     if setting == "synthetic":
         return
     known = setting_names()
     if setting not in known:
         raise invalid(("body", "setting"), f"no setting {setting!r}; known: synthetic, {', '.join(known)}", "unknown_setting")
-    build = "run `python -m model.bank build` on the server (or copy a setting's tasks there with `python -m model.bank export`)"
+    how = (f"build the bank on any machine (`python -m model.bank build`), then put the setting's tasks in the "
+           f"service's store with `python -m worker.shared bank {setting}` (with the service's MAMLSERVE_REDIS_URL)")
     try:
-        bank = Bank(Path(s.data_dir) / "bank")
+        bank = load_bank(shared(s))
     except FileNotFoundError:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"the task bank is not built on this server: {build}") from None
+        raise HTTPException(status.HTTP_409_CONFLICT, f"the task bank is not in the service's store: {how}") from None
     st = bank.setting(setting)
     missing = [n for n in st.meta_train + st.held_out if n not in bank.manifest["tasks"]]
     if missing:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"the task bank on this server lacks {len(missing)} of the tasks of "
-                            f"setting {setting!r} (such as {missing[0]!r}): {build}")
+        raise HTTPException(status.HTTP_409_CONFLICT, f"the task bank in the service's store lacks {len(missing)} of the "
+                            f"tasks of setting {setting!r} (such as {missing[0]!r}): {how}")
 
 
 @router.post("/meta-train", status_code=status.HTTP_202_ACCEPTED, response_model=JobInfo)
@@ -102,9 +105,11 @@ def start_job(body: MetaTrainRequest, request: Request, s: Settings, store, cele
     except ValidationError as e:
         raise invalid_from(e, ("body", "hyperparameters")) from e
     check_bank(s, body.setting)
-    store.create_job(job_id, {**body.model_dump(), "state": "queued", "progress": {}, "metrics": {}, "cancel": False})
+    fp = request.app.state.fingerprint  # the workers of this configuration train it
+    store.create_job(job_id, {**body.model_dump(), "state": "queued", "progress": {}, "metrics": {}, "cancel": False,
+                              "fingerprint": fp})
     try:
-        celery.send_task("worker.tasks.meta_train", args=[job_id], ignore_result=True)
+        job_sender(celery, fp)(job_id, fp)
     except OperationalError as e:
         store.update_job(job_id, state="failed", error=f"could not enqueue: {e}")
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the task queue is unavailable ({e}); retry") from e

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response, status
 from pydantic import BaseModel, Field
 
 from app.bodies import StrictRoute
-from app.deps import CeleryDep, SettingsDep, StoreDep
+from app.deps import SettingsDep, StoreDep
+from worker.config import differences
 
 router = APIRouter(tags=["health"], route_class=StrictRoute)
 
@@ -15,13 +18,23 @@ class Health(BaseModel):
     status: str
 
 
+class Mismatch(BaseModel):
+    worker: str = Field(description="the worker (Celery node) whose configuration differs from the API's")
+    fingerprint: str
+    differs: list[str] = Field(description="what differs, field by field (model sha256, dtype, lora.*, prompt_format)")
+
+
 class Ready(BaseModel):
     ready: bool
     redis: bool
     cache: bool
-    workers: list[str]
-    queues: dict[str, list[str]] = Field(description="each queue's consuming workers; ready needs predict and adapt")
+    fingerprint: str | None = Field(description="the API's configuration: new tasks go to workers that run it")
+    workers: list[str] = Field(description="live workers (Celery nodes) that run the API's configuration")
+    queues: dict[str, list[str]] = Field(description="each role's live workers of the API's configuration; ready "
+                                         "needs predict and adapt")
     models: list[str]  # worker processes with the model loaded
+    mismatched: list[Mismatch] = Field(description="live workers of another configuration: they are sent no task of "
+                                       "this one (and tasks of theirs go to them alone)")
 
 
 NEEDED = ("predict", "adapt")  # meta-training is an admin's: its worker may be away
@@ -34,32 +47,43 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "not ready"}})
-def readyz(request: Request, response: Response, s: SettingsDep, store: StoreDep, celery: CeleryDep) -> Ready:
-    """Both Redis reachable, a live worker on each of the predict and adapt queues, and a worker
-    process with the model loaded."""
+def readyz(request: Request, response: Response, s: SettingsDep, store: StoreDep) -> Ready:
+    """Both Redis reachable, and live workers of the API's configuration that take predictions and
+    adaptations (their heartbeats, within predict_dead_after_s). Workers of another configuration
+    are listed with what differs."""
     def ok(fn) -> bool:
         try:
             return bool(fn())
         except Exception:
             return False
 
+    state = request.app.state
+    mine: str | None = state.fingerprint
     redis_ok = ok(store.r.ping)
-    cache_ok = ok(request.app.state.cache.ping)
-    replies: dict[str, list[dict]] = {}
-    queues: dict[str, list[str]] = {}
-    models: list[str] = []
+    cache_ok = ok(state.cache.ping)
+    live: dict[str, dict[str, Any]] = {}
     if redis_ok:
-        try:  # asks the workers now: a worker that died is missing at once, not after its heartbeat ages
-            replies = celery.control.inspect(timeout=1.0).active_queues() or {}
+        try:
+            live = store.live_workers(s.predict_dead_after_s)
         except Exception:
-            replies = {}
-        for name, consumed in replies.items():
-            for q in consumed:
-                queues.setdefault(q["name"], []).append(name)
-        live = store.live_workers(s.worker_dead_after_s)
-        models = sorted(f"{proc}: {info['model']} on {info['device']}" for proc, info in live.items())
+            live = {}
+    queues: dict[str, set[str]] = {}
+    nodes: set[str] = set()
+    odd: dict[str, Mismatch] = {}
+    for proc, info in live.items():
+        node = info.get("node") or proc
+        if info.get("fingerprint") != mine:
+            odd[node] = Mismatch(worker=node, fingerprint=str(info.get("fingerprint")),
+                                 differs=differences(state.config, info.get("config") or {}))
+            continue
+        nodes.add(node)
+        for role in info.get("roles", ()):
+            queues.setdefault(role, set()).add(node)
+    models = sorted(f"{proc}: {info['model']} on {info['device']}" for proc, info in live.items()
+                    if info.get("fingerprint") == mine)
     ready = redis_ok and cache_ok and all(queues.get(q) for q in NEEDED) and bool(models)
     if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    return Ready(ready=ready, redis=redis_ok, cache=cache_ok, workers=sorted(replies),
-                 queues={q: sorted(w) for q, w in queues.items()}, models=models)
+    return Ready(ready=ready, redis=redis_ok, cache=cache_ok, fingerprint=mine, workers=sorted(nodes),
+                 queues={q: sorted(w) for q, w in queues.items()}, models=models,
+                 mismatched=[odd[n] for n in sorted(odd)])

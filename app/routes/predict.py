@@ -17,6 +17,7 @@ from app.deps import SettingsDep, StoreDep, TenantDep
 from app.errors import ERRORS, invalid, invalid_from, public
 from app.limits import predict_tokens
 from app.routes.tasks import owned
+from app.routing import task_fingerprint
 from app.schemas import OptionScore, PredictionOut, PredictRequest, PredictResponse, PredictUsage
 from app.watcher import UNDERWAY
 from model.settings import Settings
@@ -73,7 +74,8 @@ async def predict(body: PredictRequest, request: Request, who: TenantDep, s: Set
             await state.watcher.wait(body.task_id, body.wait_s)
             rec = await anyio.to_thread.run_sync(owned, store, body.task_id, who)
         check_ready(body.task_id, rec)
-        reply = await state.batcher(body.task_id, [q.model_dump(exclude_none=True) for q in queries])
+        reply = await state.batcher(body.task_id, [q.model_dump(exclude_none=True) for q in queries],
+                                    task_fingerprint(rec, state.fingerprint))
     preds = [
         PredictionOut(input=q.input, output=p["output"],
                       scores=None if p["scores"] is None else [OptionScore(option=o, score=v) for o, v in p["scores"].items()])

@@ -8,7 +8,6 @@ import binascii
 import hashlib
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio.from_thread
@@ -26,13 +25,14 @@ from app.errors import ERRORS, invalid, invalid_from, public
 from app.idempotency import IdempotencyKey
 from app.quotas import check_adapt_seconds, check_weights, too_many_tasks
 from app.schemas import Adaptation, Progress, Status, TaskCreate, TaskInfo, TaskPage, TaskUsage
+from app.routing import task_fingerprint
 from app.watcher import UNDERWAY
-from app.worker_calls import call_worker, stream_worker
 from model.recipe import DEFAULT, Recipe
 from model.settings import Settings
 from model.task import Limits, Task, validate_task
 from worker import checkpoints
-from worker.store import BASE, Store, content_hash, now, weights_key
+from worker.blobs import store_of
+from worker.store import BASE, Store, content_hash, now, task_weights_key
 
 router = APIRouter(prefix="/tasks", tags=["tasks"], route_class=StrictRoute)
 
@@ -147,6 +147,7 @@ def create_or_reuse(body: TaskCreate, request: Request, who: str, s: Settings, s
     spec = {"task": task.model_dump(exclude_none=True), "mode": mode, "recipe": recipe.to_dict(), "steps": steps,
             "epochs": epochs, "lr": recipe.lr_for("full" if mode == "full" else "lora"), "seed": a.seed,
             "checkpoint": ckpt, "base_model": s.base_model, "prompt_format": s.prompt_format}
+    spec["fingerprint"] = fp = request.app.state.fingerprint  # the configuration its weights belong to
     digest = content_hash(who, spec)
     task_id = digest[:32]
     existing = store.task(task_id)
@@ -165,10 +166,10 @@ def create_or_reuse(body: TaskCreate, request: Request, who: str, s: Settings, s
     # A new task is enqueued, and one that failed runs again; one its creator could not enqueue
     # (the broker was down, or the request died) is the reaper's.
     if mode != "none" and (created or rec["status"] == "failed"):
-        send = sender(celery)
+        send = sender(celery, fp)
         try:
             if created:
-                enqueue(store, send, task_id, run)
+                enqueue(store, send, task_id, run, fp)
             else:
                 retry_failed(store, send, rec)
         except OperationalError as e:  # the broker is down: the record stays, the reaper enqueues it
@@ -196,7 +197,8 @@ def import_task(body: TaskCreate, request: Request, who: str, s: Settings, store
     recipe = resolve_recipe(s, Adaptation(steps=0), "lora", None)
     spec = {"task": task.model_dump(exclude_none=True), "mode": "lora", "recipe": recipe.to_dict(), "steps": 0,
             "epochs": 0.0, "lr": recipe.lr_for("lora"), "seed": 0, "checkpoint": BASE, "base_model": s.base_model,
-            "prompt_format": s.prompt_format, "adapter_sha256": hashlib.sha256(raw).hexdigest()}
+            "prompt_format": s.prompt_format, "adapter_sha256": hashlib.sha256(raw).hexdigest(),
+            "fingerprint": request.app.state.fingerprint}
     digest = content_hash(who, spec)
     task_id = digest[:32]
     existing = store.task(task_id)
@@ -207,17 +209,16 @@ def import_task(body: TaskCreate, request: Request, who: str, s: Settings, store
     check_weights(store, who, "lora", s.max_weights_bytes, more=len(raw))
     state = request.app.state
     try:
-        pointer = anyio.from_thread.run(call_worker, state.celery, state.replies, s.predict_timeout_s,
-                                        "worker.tasks.import_adapter",
+        pointer = anyio.from_thread.run(state.router.call, spec["fingerprint"], "worker.tasks.import_adapter",
                                         [{"id": task_id, "hash": digest, "tenant": who, **spec}, body.adapter,
                                          4 * s.max_adapter_bytes])
     except HTTPException as e:
         if e.status_code == 422:  # the worker's AdapterError: what does not fit this base
             raise invalid(("body", "adapter"), str(e.detail), "adapter_not_servable") from e
         raise
-    size = pointer["weights_bytes"]
+    size, key = pointer["weights_bytes"], pointer["weights_key"]
     if store.charge(who, "weights_bytes", size, s.max_weights_bytes) is None:
-        Path(pointer["weights_path"]).unlink(missing_ok=True)
+        store_of(s, key).delete(key)
         check_weights(store, who, "lora", s.max_weights_bytes, more=size)  # says why
     t = now()
     created = store.create_task(task_id, who, {
@@ -228,7 +229,7 @@ def import_task(body: TaskCreate, request: Request, who: str, s: Settings, store
     if not created:  # over the count, or an identical import won the race (its record holds the same file)
         store.refund(who, "weights_bytes", size)
         if created is None:
-            Path(pointer["weights_path"]).unlink(missing_ok=True)
+            store_of(s, key).delete(key)
             raise too_many_tasks(s.max_tasks)
     return store.task(task_id), bool(created)
 
@@ -250,13 +251,12 @@ def get_task(task_id: str, request: Request, who: TenantDep, store: StoreDep) ->
 
 
 @router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=ERRORS)
-def delete_task(task_id: str, request: Request, who: TenantDep, store: StoreDep) -> Response:
-    """Remove the task and its cached weights."""
+def delete_task(task_id: str, who: TenantDep, s: SettingsDep, store: StoreDep) -> Response:
+    """Remove the task and its weights."""
     rec = owned(store, task_id, who)
     store.delete_task(task_id, who)
-    request.app.state.cache.delete(weights_key(rec["checkpoint"], rec["hash"]))
-    if rec.get("weights_path"):
-        Path(rec["weights_path"]).unlink(missing_ok=True)
+    key = task_weights_key(rec)
+    store_of(s, key).delete(key)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -265,8 +265,8 @@ def delete_task(task_id: str, request: Request, who: TenantDep, store: StoreDep)
         200: {"content": {"application/zip": {}}, "description": "a PEFT adapter folder, or a Hugging Face model "
               "folder, zipped; X-Mamlserve-Export says which (lora or full)"}, **ERRORS},
 )
-async def get_adapter(task_id: str, request: Request, who: TenantDep, s: SettingsDep, store: StoreDep,
-                      celery: CeleryDep, format: Literal["auto", "lora", "full"] = "auto") -> Response:
+async def get_adapter(task_id: str, request: Request, who: TenantDep, store: StoreDep,
+                      format: Literal["auto", "lora", "full"] = "auto") -> Response:
     """Exactly what the task predicts with, zipped. `lora`: a PEFT adapter folder, which
     `PeftModel.from_pretrained(base, folder)` loads on the base model named in its
     adapter_config.json (a task adapted in LoRA mode, from the base or from a checkpoint
@@ -281,7 +281,7 @@ async def get_adapter(task_id: str, request: Request, who: TenantDep, s: Setting
     if rec["status"] != "ready":
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id} is {rec['status']}, not ready")
     state = request.app.state
-    parts = stream_worker(celery, state.replies, s.predict_timeout_s, "worker.tasks.adapter", [task_id, format])
+    parts = state.router.stream(task_fingerprint(rec, state.fingerprint), "worker.tasks.adapter", [task_id, format])
     head = await anext(parts)  # {kind, size}, or the worker's refusal raised here, before the response starts
 
     async def body() -> AsyncIterator[bytes]:

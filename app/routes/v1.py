@@ -29,7 +29,7 @@ from app.bodies import StrictRoute
 from app.deps import SettingsDep, StoreDep, TenantDep
 from app.errors import V1_ERRORS, ApiError, openai_error, public
 from app.limits import predict_tokens
-from app.worker_calls import stream_worker
+from app.routing import task_fingerprint
 from model.settings import Settings
 from model.task import Limits, Query
 
@@ -252,16 +252,16 @@ def chat_logprobs(output: str, scores: dict[str, float], k: int) -> dict[str, An
 async def _answers(call: Call, request: Request) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     """(input index, piece) as they come: {text, tokens, finish, scores?}. An option task's answers
     come from the batcher (one worker call, the same answers as /predict); generation streams."""
-    state, s = request.app.state, request.app.state.settings
+    state = request.app.state
+    route = task_fingerprint(call.rec, state.fingerprint)
     if call.options:
-        reply = await state.batcher(call.rec["id"], [q.model_dump(exclude_none=True) for q in call.queries])
+        reply = await state.batcher(call.rec["id"], [q.model_dump(exclude_none=True) for q in call.queries], route)
         for i, p in enumerate(reply["predictions"]):
             yield i, {"text": p["output"], "tokens": await anyio.to_thread.run_sync(call.count, p["output"]),
                       "finish": "stop", "scores": p["scores"]}
         return
     for i, q in enumerate(call.queries):
-        async for piece in stream_worker(state.celery, state.replies, s.predict_timeout_s, "worker.tasks.generate",
-                                         [call.rec["id"], q.input, call.sampling()]):
+        async for piece in state.router.stream(route, "worker.tasks.generate", [call.rec["id"], q.input, call.sampling()]):
             yield i, piece
 
 
