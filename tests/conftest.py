@@ -149,6 +149,12 @@ class Worker:
 
         return [k for k in (n.decode() for n in self.records.hkeys("ms:workers")) if mine(k)]
 
+    def node(self) -> str:
+        """The Celery node name its processes beat under (the worker label of /metrics)."""
+        import json
+
+        return json.loads(self.records.hget("ms:workers", self.processes()[0]))["node"]
+
     def _spawn(self, out) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "prefork", "-c", "1",
@@ -222,9 +228,10 @@ class OwnService:
 
 
 @contextmanager
-def own_service(db: int, workers: int = 1, **overrides: str):
+def own_service(db: int, workers: int = 1, machines: bool = False, **overrides: str):
     """Workers and an API of their own, on Redis databases `db` (records and cache) no other test
-    uses, with these settings: for tests that need settings of their own. Needs redis_servers."""
+    uses, with these settings: for tests that need settings of their own. Needs redis_servers.
+    machines: the API and each worker get a data dir of their own, as on separate machines."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -235,11 +242,15 @@ def own_service(db: int, workers: int = 1, **overrides: str):
     records.flushdb()
     cache.flushdb()
     env = {f"MAMLSERVE_{k.upper()}": v for k, v in over.items()}
-    ws = [Worker(records, env, name=f"worker-db{db}-{i}") for i in range(workers)]
+    def own(name) -> dict[str, str]:
+        return {"data_dir": str(TMP / f"machine-db{db}-{name}")} if machines else {}
+
+    ws = [Worker(records, {**env, **{f"MAMLSERVE_{k.upper()}": v for k, v in own(i).items()}}, name=f"worker-db{db}-{i}")
+          for i in range(workers)]
     try:
         for w in ws:
             w.start()
-        with TestClient(create_app(settings(**over))) as c:
+        with TestClient(create_app(settings(**over, **own("api")))) as c:
             yield OwnService(c, ws)
     finally:
         for w in ws:
