@@ -33,10 +33,14 @@ def load(path: Path) -> list[dict]:
 def describe(config: dict | None) -> str:
     if not config:
         return ""
+    if config.get("recipe") is None and not config.get("peer"):
+        return "no LM: TF-IDF + logistic regression (the floor)"
     if config.get("peer"):
         return "PEFT LoRA + transformers.Trainer: " + ", ".join(f"{k} {v}" for k, v in config["peer"].items())
     recipe = config.get("recipe") or {}
     base = DEFAULT.to_dict()
+    if recipe.get("lr") == DEFAULT.lr_for(config.get("mode") or "lora"):
+        recipe = {**recipe, "lr": base["lr"]}  # the default's lr, written out
     parts = [f"{k}={v}" for k, v in recipe.items() if base.get(k) != v]
     lora = config.get("lora") or {}
     if lora and (lora.get("layers") or lora.get("targets") != ["q_proj", "v_proj"] and lora.get("targets") != ("q_proj", "v_proj")
@@ -74,8 +78,10 @@ def main() -> None:
         vs = "-" if r["vs_icl"] is None else f"{r['vs_icl']:+.1f}"
         print(f"| {r['config'].split('|')[0]} | {r['k']} | {r['runs']} ({r['tasks']}) | {r['macro_f1']:.1f} | {vs} | {r['top_label']:.0f} "
               f"| {r['seconds']:.0f} | {r['what']} |")
-    best = max((r for r in rows if r["vs_icl"] is not None and not r["config"].startswith("icl|")), key=lambda r: r["vs_icl"],
-               default=None)
+    # the best of the configurations run on at least half the tasks any configuration ran on
+    most = max((r["tasks"] for r in rows), default=0)
+    best = max((r for r in rows if r["vs_icl"] is not None and not r["config"].startswith("icl|") and 2 * r["tasks"] >= most),
+               key=lambda r: r["vs_icl"], default=None)
     print(json.dumps({"rows": len(rows), "best": best}))
 
 

@@ -80,3 +80,25 @@ def test_default_recipe_learns_labels_only_the_demonstrations_name(lm):
     # measured: in context 0.27 (4 of 15), default adaptation 0.60 (9 of 15); chance is 0.2
     assert accuracy(preds) >= max(icl + 0.2, 0.5), (icl, accuracy(preds))
     assert len({p.output for p in preds}) >= 4  # no collapse onto one or two letters
+
+
+def test_packed_option_scores_equal_a_plain_forward_per_option(lm, topics):
+    """The one prediction path (query once on the cached prefix, options packed as a trie after
+    it) scores SmolLM2's options exactly as one plain forward over prefix + query + option each."""
+    import torch
+
+    from model.prompts import Row
+    from model.scoring import encode_prefix, row_logprobs
+
+    data, demos, queries = topics
+    prefix_ids = lm.encode("".join(f"{d.input}\n{d.output}\n\n" for d in demos))
+    options = data["options"] + ["sports news", "sports and politics"]  # shared beginnings
+    rows = [Row(lm.encode(q.input + "\n"), lm.encode(o)) for q in queries[:2] for o in options]
+    with torch.no_grad():
+        sums, lengths = row_logprobs(lm, encode_prefix(lm, prefix_ids), rows)
+        for r, got, n in zip(rows, sums.tolist(), lengths.tolist()):
+            ids = torch.tensor([prefix_ids + r.ctx + r.target])
+            logp = torch.log_softmax(lm(None, input_ids=ids).logits[0, :-1].float(), -1)
+            start = len(prefix_ids) + len(r.ctx) - 1
+            alone = logp[start:start + len(r.target)].gather(1, torch.tensor(r.target)[:, None]).sum().item()
+            assert got == pytest.approx(alone, abs=1e-4) and n == len(r.target)
