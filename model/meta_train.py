@@ -347,6 +347,12 @@ def initial_params(lm: LM, space: str, seed: int) -> Params:
     return {k: v.detach().clone().float() for k, v in src.items()}
 
 
+def _ordered(tensors: Params, names: Sequence[str]) -> Params:
+    """tensors with the keys in `names` first, in that order (any others after, as they came)."""
+    known = set(names)
+    return {k: tensors[k] for k in names if k in tensors} | {k: v for k, v in tensors.items() if k not in known}
+
+
 @dataclass
 class TaskResult:
     grads: Params
@@ -372,6 +378,13 @@ class MetaTrainer:
             self.params = initial_params(self.lm, self.cfg.space, self.cfg.seed)
         if self.state.t == 0 and not self.state.m:  # a fresh run: the config's betas
             self.state = AdamState(betas=tuple(self.cfg.betas))
+        # The model's own parameter order, whatever order a checkpoint handed them out in: a
+        # step sums over the parameters (the meta-gradient's norm), and float addition depends
+        # on the order, so a resumed run must add in the order of a fresh one to stay bit-exact.
+        order = self.lm.lora_names if self.cfg.space == "lora" else self.lm.full_names
+        self.params = _ordered(self.params, order)
+        self.state = AdamState(_ordered(self.state.m, order), _ordered(self.state.v, order), self.state.t,
+                               self.state.betas, self.state.eps)
         self.tasks = [t for t in self.source.meta_train if self._usable(t)]
         if not self.tasks:
             raise ValueError(f"setting {self.source.setting!r} has no meta-train task whose examples fit "

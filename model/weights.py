@@ -44,7 +44,11 @@ def to_bytes(params: Mapping[str, Tensor], metadata: dict[str, str] | None = Non
 
 
 def from_bytes(data: bytes, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Params:
-    return {k: v.to(device, dtype) if dtype else v.to(device) for k, v in st_load(data).items()}
+    """The tensors, in sorted key order (as `load`): safetensors' in-memory `load` hands them out in
+    an order that changes from process to process (a Rust HashMap's), and callers that reduce over
+    a dict (a gradient norm summed tensor by tensor) must not round differently run to run."""
+    tensors = st_load(data)
+    return {k: tensors[k].to(device, dtype) if dtype else tensors[k].to(device) for k in sorted(tensors)}
 
 
 def from_bytes_meta(data: bytes, device: torch.device | str = "cpu") -> tuple[Params, dict[str, str]]:
