@@ -299,16 +299,26 @@ async def run(args) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def bench_args(doc: str) -> argparse.ArgumentParser:
+    """The command line of a bench on serve.sh: its docstring's first paragraph, and --base-model."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--base-model", default="tiny", help="tiny (default: a bounded run anywhere) or smollm2")
+    return ap
+
+
+def bench_main(ap: argparse.ArgumentParser, run) -> None:
+    """Parse, run the bench, and print its result as the last line: one JSON object."""
+    print(json.dumps(asyncio.run(run(ap.parse_args()))))
+
+
+def main() -> None:
+    ap = bench_args(__doc__)
     ap.add_argument("--flood", type=int, default=300, help="the flooder's predicts in flight")
     ap.add_argument("--flood-tasks", type=int, default=4, help="the flooder's long adaptations")
     ap.add_argument("--flood-steps", type=int, default=400, help="steps of each of them")
     ap.add_argument("--gap", type=float, default=8.0, help="seconds between faults")
     ap.add_argument("--settle", type=float, default=240.0, help="seconds the adaptations get to end after the faults")
-    args = ap.parse_args()
-    print(json.dumps(asyncio.run(run(args))))
+    bench_main(ap, run)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Run the whole embedded service on this machine: two redis-servers, two Celery workers, uvicorn,
+# Run the whole embedded service on this machine: two redis-servers, Celery workers, uvicorn,
 # each supervised (started again whenever it exits). Installs what is missing on first run (.venv,
 # the package, SmolLM2, redis-server). Ctrl-C stops all.
 #
-# Workers: one for predictions (queue predict) and one for adaptations and meta-training (adapt,
-# meta), so that one tenant's adaptation never holds another tenant's predictions; each loads the
-# model. MAMLSERVE_META_WORKER=1 gives meta-training a third worker of its own.
+# Workers: by default one for predictions (role predict) and one for adaptations and meta-training
+# (adapt, meta), so that one tenant's adaptation never holds another tenant's predictions; each
+# loads the model. MAMLSERVE_META_WORKER=1 gives meta-training a third worker of its own.
+# MAMLSERVE_WORKERS=N instead starts N workers that each take every role (the API spreads
+# predictions over them and sends a dead one's calls to another; they share the cores).
 #
 # Environment (all optional):
 #   MAMLSERVE_HOST / MAMLSERVE_PORT      where the API listens (127.0.0.1 / 8000)
@@ -13,6 +15,7 @@
 #   MAMLSERVE_CACHE_PORT                 weights cache redis (6380): allkeys-lru
 #   MAMLSERVE_CACHE_MAXMEMORY            the cache's memory cap (1gb)
 #   MAMLSERVE_META_WORKER=1              a third worker, for meta-training alone
+#   MAMLSERVE_WORKERS=N                  N workers, each on every queue (instead of the two above)
 #   MAMLSERVE_*                          every setting of model/settings.py (data dir, keys, model...)
 # Each process's pid is in $MAMLSERVE_DATA_DIR/run/<name>.pid, its log in .../logs/<name>.log.
 set -euo pipefail
@@ -24,6 +27,8 @@ PORT=${MAMLSERVE_PORT:-8000}
 REDIS_PORT=${MAMLSERVE_REDIS_PORT:-6379}
 CACHE_PORT=${MAMLSERVE_CACHE_PORT:-6380}
 say() { echo "[serve] $*" >&2; }
+N=${MAMLSERVE_WORKERS:-0}  # 0: the predict worker and the adapt worker
+case $N in ""|*[!0-9]*) say "MAMLSERVE_WORKERS must be a number of workers, not '$N'"; exit 1;; esac
 
 # --- install what is missing (redis-server, .venv with the project, SmolLM2): one install path for all
 scripts/setup.sh >&2
@@ -66,11 +71,11 @@ stop() {
     # API first (no new work), then the workers (TERM: finish the current task), then Redis (AOF flushed).
     kill -TERM "$(pid_of api)" 2>/dev/null || true
     local workers=()
-    for name in "${SERVICES[@]}"; do case $name in *worker) workers+=("$(pid_of "$name")");; esac; done
+    for name in "${SERVICES[@]}"; do case $name in *worker|worker-*) workers+=("$(pid_of "$name")");; esac; done
     for pid in "${workers[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${workers[@]}"; do
         for _ in $(seq 1 "${MAMLSERVE_STOP_WAIT_S:-30}"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-        # Still busy (a long run): a cold stop; the task runs again on the next start (acks_late + recover).
+        # Still busy (a long run): a cold stop; the run is queued again (acks_late: its message goes back).
         kill -QUIT "$pid" 2>/dev/null || true
     done
     for p in "$REDIS_PORT" "$CACHE_PORT"; do redis-cli -p "$p" shutdown >/dev/null 2>&1 || true; done
@@ -106,20 +111,23 @@ say "redis: records+broker on $REDIS_PORT (AOF, noeviction), weights cache on $C
 CORES=$(nproc)
 PREDICT_THREADS=${MAMLSERVE_PREDICT_THREADS:-$(( CORES / 4 > 0 ? CORES / 4 : 1 ))}
 TRAIN_THREADS=$(( CORES - PREDICT_THREADS > 0 ? CORES - PREDICT_THREADS : 1 ))
-worker() {  # name queues threads recover
+worker() {  # name roles threads
     SERVICES+=("$1")
     supervise "$1" env MAMLSERVE_QUEUES="$2" MAMLSERVE_TORCH_THREADS="${MAMLSERVE_TORCH_THREADS:-$3}" \
-        MAMLSERVE_RECOVER="$4" MAMLSERVE_PREPARE=0 scripts/worker.sh -n "$1@%h" --logfile "$DATA/logs/$1.log"
+        MAMLSERVE_PREPARE=0 scripts/worker.sh -n "$1@%h" --logfile "$DATA/logs/$1.log"
 }
-# Only the worker of the adapt queue puts back what a killed worker left unacknowledged (a
-# prediction is acknowledged when it is received; a duplicate adaptation is dropped by its run id).
-worker predict-worker predict "$PREDICT_THREADS" 0
-if [ "${MAMLSERVE_META_WORKER:-0}" = 1 ]; then
-    HALF=$(( TRAIN_THREADS / 2 > 0 ? TRAIN_THREADS / 2 : 1 ))
-    worker adapt-worker adapt "$HALF" 1
-    worker meta-worker meta "$HALF" 0
+if [ "$N" -gt 0 ]; then
+    EACH=$(( CORES / N > 0 ? CORES / N : 1 ))
+    for i in $(seq 1 "$N"); do worker "worker-$i" predict,adapt,meta "$EACH"; done
 else
-    worker adapt-worker adapt,meta "$TRAIN_THREADS" 1
+    worker predict-worker predict "$PREDICT_THREADS"
+    if [ "${MAMLSERVE_META_WORKER:-0}" = 1 ]; then
+        HALF=$(( TRAIN_THREADS / 2 > 0 ? TRAIN_THREADS / 2 : 1 ))
+        worker adapt-worker adapt "$HALF"
+        worker meta-worker meta "$HALF"
+    else
+        worker adapt-worker adapt,meta "$TRAIN_THREADS"
+    fi
 fi
 SERVICES+=(api)
 supervise api env MAMLSERVE_HOST="$HOST" MAMLSERVE_PORT="$PORT" scripts/api.sh
