@@ -11,16 +11,19 @@ recomputes the whole prompt for every query. Runs are interleaved so machine noi
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.loading import load_lm
-from model.scoring import build_prefix, predict
-from model.prompts import Formatter
-from model.settings import get_settings
-from model.task import Example, Task
+import model  # noqa: E402,F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+import torch  # noqa: E402
+from model.loading import load_lm  # noqa: E402
+from model.prompts import Formatter  # noqa: E402
+from model.scoring import build_prefix, predict  # noqa: E402
+from model.settings import get_settings  # noqa: E402
+from model.task import Example, Task  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "topics.json"
 

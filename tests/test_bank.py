@@ -395,3 +395,17 @@ def test_a_bank_exported_to_the_shared_store_reads_as_the_folder_and_settings_ac
                 assert shared.task(n).split(split) == bank.task(n).split(split)
     finally:
         r.flushdb()
+
+
+def test_rows_with_unicode_line_separators_read_back_whole(fixture_bank, tmp_path):
+    """JSON leaves U+2028, U+0085 and other Unicode line breaks unescaped inside strings: a row
+    holding them is one line of the split's file, and reads back as one example."""
+    import shutil
+
+    shutil.copytree(fixture_bank.root, tmp_path / "bank")
+    name = "bigbench.anachronisms"
+    train = tmp_path / "bank" / name / "train.jsonl"
+    odd = {"input": "a line\u2028and another\x85and \x1c more", "output": fixture_bank.task(name).options[0]}
+    train.write_text(train.read_text() + json.dumps(odd, ensure_ascii=False) + "\n")
+    rows = load_bank(tmp_path).task(name).train
+    assert rows[-1].input == odd["input"] and len(rows) == len(fixture_bank.task(name).train) + 1

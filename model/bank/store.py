@@ -86,8 +86,10 @@ class BankTask:
 
     @cached_property
     def _splits(self) -> dict[str, list[Example]]:
-        # model_construct: examples were validated at build time; re-validating 16k rows is slow
-        return {s: [Example.model_construct(**json.loads(line)) for line in self._read(f"{s}.jsonl").decode().splitlines()
+        # model_construct: examples were validated at build time; re-validating 16k rows is slow.
+        # Lines split on bytes: str.splitlines would also cut at U+2028, U+0085 and the like,
+        # which JSON leaves unescaped inside strings (reviews have them).
+        return {s: [Example.model_construct(**json.loads(line)) for line in self._read(f"{s}.jsonl").split(b"\n")
                     if line.strip()] for s in SPLITS}
 
     @property
