@@ -111,8 +111,12 @@ def load_tasks(subset: str, data_dir: Path) -> list:
 
 # --------------------------------------------------------------------------- variants
 def run_llm(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], recipe: Recipe, seed: int,
-            mode: str = "lora") -> dict[str, Any]:
-    """Adapt with the recipe (when it trains) and predict; raw scores kept for the calibration analysis."""
+            mode: str = "lora", untrained: dict | None = None) -> dict[str, Any]:
+    """Adapt with the recipe (when it trains) and predict; raw scores kept for the calibration analysis.
+
+    `untrained` memoises the raw scores of recipes that train nothing, per prompt (in-context
+    prediction with and without calibration scores the same prompts): the second one reuses them
+    and is charged the first one's prediction seconds."""
     t0 = time.perf_counter()
     params, prior, epochs = None, None, 0.0
     if recipe.epochs > 0:
@@ -123,10 +127,15 @@ def run_llm(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], reci
 
         prior = option_prior(lm, task, None, recipe, fmt)
     t1 = time.perf_counter()
-    raw = predict(lm, task, queries, params, recipe.but(calibrate=False), None, fmt)
-    t2 = time.perf_counter()
-    return {"raw": [[p.scores[o] for o in task.options] for p in raw], "prior": prior, "epochs": epochs,
-            "adapt_s": t1 - t0, "predict_s": t2 - t1}
+    memo = (recipe.predict_demos, recipe.length_norm) if params is None and untrained is not None else None
+    if memo in (untrained or {}):
+        raw, predict_s = untrained[memo]
+    else:
+        preds = predict(lm, task, queries, params, recipe.but(calibrate=False), None, fmt)
+        raw, predict_s = [[p.scores[o] for o in task.options] for p in preds], time.perf_counter() - t1
+        if memo is not None:
+            untrained[memo] = raw, predict_s
+    return {"raw": raw, "prior": prior, "epochs": epochs, "adapt_s": t1 - t0, "predict_s": predict_s}
 
 
 def run_peft(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], seed: int) -> dict[str, Any]:
@@ -313,6 +322,7 @@ def main() -> None:
                 log.warning("%s: nothing fits the prompt budget; skipped", bt.name)
                 continue
             golds = [q.output for q in queries]
+            untrained: dict = {}  # this task and seed's raw scores of recipes that train nothing
             for v in variants:
                 recipe = recipes.get(v)
                 key = f"{v}|{config_key(v, recipe, lm.lora, modes.get(v, 'lora'))}|{bt.name}|{args.k}|{seed}|{len(queries)}"
@@ -322,7 +332,7 @@ def main() -> None:
                     elif v == "peft_trainer":
                         r = run_peft(lm, fmt, task, queries, seed)
                     else:
-                        r = run_llm(lm, fmt, task, queries, recipe, seed, modes.get(v, "lora"))
+                        r = run_llm(lm, fmt, task, queries, recipe, seed, modes.get(v, "lora"), untrained)
                     r["metrics"] = metrics(task.options, r["raw"], golds, r["prior"], v != "tfidf_lr")
                     r["key"] = key
                     r["config"] = {"recipe": recipe.to_dict() if recipe else None, "lora": lm.lora.__dict__ if recipe else None,
