@@ -1,24 +1,28 @@
-"""Seconds to adapt SmolLM2 to a 16-demonstration task with 5 inner steps, LoRA and full, in one run.
+"""Seconds to adapt SmolLM2 to a 16-demonstration task with the service's default recipe
+(`model.recipe.DEFAULT`, with MAMLSERVE_ADAPT_RECIPE's overrides), LoRA and full, in one run.
 
-The inner steps are the service's defaults (batch of 4 leave-one-out queries, 4 context
-demonstrations each); the support loss before/after is printed so a fast-but-useless run
-shows. Goal: LoRA <= 30 s on 2 CPU cores, <= 1 s on a CUDA device.
+The support loss before/after is printed so a fast-but-useless run shows. --steps pins the
+number of steps (the recipe's schedule otherwise follows the demonstrations).
 
-    python bench/adapt_latency.py [--model smollm2] [--steps 5] [--device auto] [--repeats 3]
+    python bench/adapt_latency.py [--model smollm2] [--steps N] [--device auto] [--repeats 3]
 """
 
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.adapt import adapt
-from model.loading import load_lm
-from model.settings import get_settings
-from model.task import Example, Task
+import model  # noqa: E402,F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+import torch  # noqa: E402
+from model.adapt import adapt  # noqa: E402
+from model.recipe import DEFAULT  # noqa: E402
+from model.loading import load_lm  # noqa: E402
+from model.settings import get_settings  # noqa: E402
+from model.task import Example, Task  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "topics.json"
 
@@ -31,7 +35,7 @@ def sync(device: torch.device) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=None, help="pin the steps (default: the recipe's schedule for the shots)")
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -43,17 +47,20 @@ def main() -> None:
     demos = [Example(**e) for e in data["examples"]][:: max(1, 30 // args.shots)][: args.shots]
     task = Task(demonstrations=demos, instruction=data["instruction"], options=data["options"])
     lm = load_lm(args.model, s.data_dir, device=args.device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
+    recipe = DEFAULT.but(**s.adapt_recipe)
+    if args.steps is not None:
+        recipe = recipe.but(min_steps=args.steps, max_steps=args.steps)
     for mode in ("lora", "full"):  # warm-up: allocator, kernels, first-use library loads
-        adapt(lm, task, mode, steps=1, lr=s.adapt_lr_lora)
+        adapt(lm, task, recipe.but(min_steps=1, max_steps=1), mode)
 
-    out = {"model": args.model, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "steps": args.steps}
-    for mode, lr in (("lora", s.adapt_lr_lora), ("full", s.adapt_lr_full)):
+    out = {"model": args.model, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
+           "threads": torch.get_num_threads(), "steps": recipe.steps_for(len(task.demonstrations))}
+    for mode in ("lora", "full"):
         times = []
         for _ in range(args.repeats):
             sync(lm.device)
             t0 = time.perf_counter()
-            a = adapt(lm, task, mode, steps=args.steps, lr=lr, batch_size=s.adapt_batch_size,
-                      context_demos=s.adapt_context_demos)
+            a = adapt(lm, task, recipe, mode)
             sync(lm.device)
             times.append(time.perf_counter() - t0)
         dt = statistics.median(times)
