@@ -268,10 +268,13 @@ def test_the_list_filters_by_status_and_responses_say_what_they_cost(client):
         assert r.status_code == 200, r.text
         return [t["id"] for t in r.json()["items"]]
 
-    assert ready["id"] in ids(status="ready") and slow["id"] not in ids(status="ready")
-    assert slow["id"] in ids(status=["queued", "adapting"]) or wait_status(client, slow["id"])  # it may be done already
+    pending = ids(status=["queued", "adapting"])
+    assert ready["id"] in ids(status="ready") and ready["id"] not in pending
+    assert slow["id"] in pending or slow["id"] in ids(status="ready")  # it may have finished in between
+    # tasks of this module may become ready meanwhile (never the other way): the total lies between
+    before = len(ids(status="ready"))
     page = client.get("/tasks", params={"status": "ready", "limit": 1}, headers=auth()).json()
-    assert len(page["items"]) == 1 and page["total"] == len(ids(status="ready"))
+    assert len(page["items"]) == 1 and before <= page["total"] <= len(ids(status="ready"))
     assert client.get("/tasks", params={"status": "sleeping"}, headers=auth()).status_code == 422
     # what a call cost: the tokens scored (each input with each option), the adaptation's worker seconds
     done = client.get(f"/tasks/{ready['id']}", headers=auth()).json()

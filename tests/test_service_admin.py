@@ -8,6 +8,7 @@ import pytest
 import json
 
 from conftest import ADMIN_KEY, TMP, auth, sentiment, wait_for, wait_status
+from model.recipe import LR
 
 pytestmark = pytest.mark.usefixtures("worker")
 ADMIN = auth(ADMIN_KEY)
@@ -58,9 +59,9 @@ def test_meta_train_job_checkpoint_listed_and_activatable(client):
     # an explicit lr wins; another space (full) keeps the settings' default; so does the base model
     lrs = [client.post("/tasks", json={**sentiment(tag=f"lr-{i}"), "checkpoint": c, "adaptation": a},
                        headers=auth()).json()["lr"]
-           for i, (c, a) in enumerate([(ckpt, {"steps": 1, "lr": 0.003}), (ckpt, {"mode": "full", "steps": 1}),
+           for i, (c, a) in enumerate([(ckpt, {"steps": 1, "lr": 0.005}), (ckpt, {"mode": "full", "steps": 1}),
                                        ("base", {"steps": 1})])]
-    assert lrs == [0.003, 1e-5, 1e-3]
+    assert lrs == [0.005, LR["full"], LR["lora"]]
 
 
 def test_cancel_running_job(client):
