@@ -31,7 +31,7 @@ Every result is journaled as it comes (--out DIR/journal.jsonl); the same comman
 The last line printed is JSON:
 {"k": 16, "subset": "report", "results": {"icl": {...}, "default": {...}, ...}, "margins": {...}}
 
-    python bench/adapt_quality.py --subset report --k 16                   # the headline (~1 h on 2 cores)
+    python bench/adapt_quality.py --subset report --k 16 --seeds 100,13    # the headline (~75 min on 2 cores)
     python bench/adapt_quality.py --quick --variants icl,a,b --recipe a='{"epochs": 4}' --recipe b='{"lr": 3e-3}'
 """
 
@@ -241,7 +241,7 @@ def margins(results: dict[str, Any], pairs: Sequence[tuple[str, str]]) -> dict[s
     return out
 
 
-def markdown(summary: dict[str, Any], k: int, subset: str, seeds: Sequence[int]) -> str:
+def markdown(summary: dict[str, Any], k: int, subset: str, seeds: Sequence[int], gaps: dict[str, Any] | None = None) -> str:
     names = list(summary)
     tasks = list(dict.fromkeys(t for v in summary.values() for t in v["per_task"]))
     lines = [f"# adapt_quality: k={k}, subset {subset}, seeds {list(seeds)}", "",
@@ -255,6 +255,11 @@ def markdown(summary: dict[str, Any], k: int, subset: str, seeds: Sequence[int])
     lines += ["", "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for t in tasks:
         lines.append(f"| {t} | " + " | ".join(f"{summary[v]['per_task'].get(t, float('nan')):.1f}" for v in names) + " |")
+    if gaps:
+        lines += ["", "| paired by task and seed | macro-F1 difference | 95% interval over tasks | separated |", "|---|---|---|---|"]
+        for pair, g in gaps.items():
+            lines.append(f"| {pair.replace('-', ' - ', 1)} | {g['diff']:+.1f} | [{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}] "
+                         f"| {'yes' if g['separated'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -354,8 +359,8 @@ def main() -> None:
               "results": {v: {k: r[k] for k in r if k not in ("per_seed",)} for v, r in summary.items()},
               "margins": margins(summary, pairs)}
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "results.md").write_text(markdown(summary, args.k, subset, seeds))
-    print(markdown(summary, args.k, subset, seeds))
+    (out / "results.md").write_text(markdown(summary, args.k, subset, seeds, result["margins"]))
+    print(markdown(summary, args.k, subset, seeds, result["margins"]))
     slim = {"k": args.k, "subset": subset,
             "results": {v: {k: round(r[k], 2) for k in ("macro_f1", "accuracy", "labels_predicted_share", "top_label_share", "seconds")}
                         for v, r in summary.items()},
