@@ -321,5 +321,4 @@ def adapt(
     params = {**fixed, **trainable}
     after = support_loss(lm, params, fmt, task, recipe, seed) if steps else before
     prior = option_prior(lm, task, params, recipe, fmt) if recipe.calibrate else None
-    epochs = steps * min(recipe.batch_size, len(demos)) / len(demos)
-    return Adapted(mode, trainable, before, after, losses, state, prior, epochs)
+    return Adapted(mode, trainable, before, after, losses, state, prior, recipe.epochs_for(len(demos)))

@@ -176,7 +176,7 @@ def evaluate(
                 else:
                     # this protocol counts steps, not epochs: pin them
                     recipe = Recipe(loss="lm", epochs=1, batch_size=batch, lr=v.lr, context_demos=ctx, predict_demos=None,
-                                    calibrate=False, min_steps=steps, max_steps=steps)
+                                    calibrate=False, min_demos=0, min_steps=steps, max_steps=steps)
                     with _autocast(lm):
                         a = adapt(lm, ktask, recipe, v.space, start=v.params,
                                   state=v.state.detached() if v.state else None, seed=seed, fmt=fmt)

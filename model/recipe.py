@@ -38,6 +38,11 @@ class Recipe:
         values (False: they are recomputed each step but held constant, a backward pass less).
     predict_demos: demonstrations in context when predicting (None: as many as fit the budget).
     length_norm: an option's score is its mean log-likelihood per token (True) or the sum.
+    min_demos: with fewer demonstrations than this nothing is trained (steps 0): the prompt and
+        the calibration still apply. At k=4 the trained recipe lost to calibrated in-context
+        prediction (report subset: -8.9 macro-F1, interval [-14.2, -3.5]; bench/results/search-k4
+        on the search subset); at k=16 it did not. k from 5 to 15 is not measured: 5 is the
+        first k not known to lose. An explicit `epochs` or `steps` in a request trains.
     calibrate: subtract each option's prior, estimated once at adaptation time from the
         demonstrations' own scores (batch calibration with the demonstrations as the batch),
         so predictions do not collapse onto the option the model favours a priori, and an input
@@ -58,6 +63,7 @@ class Recipe:
     predict_demos: int | None = None
     length_norm: bool = True
     calibrate: bool = True
+    min_demos: int = 5
     min_steps: int = 1
     max_steps: int = 200
 
@@ -68,6 +74,8 @@ class Recipe:
             raise ValueError("epochs must be >= 0, batch_size >= 1 and context_demos >= 0 or None")
         if self.predict_demos is not None and self.predict_demos < 0:
             raise ValueError("predict_demos must be >= 0 or None (all that fit)")
+        if self.min_demos < 0:
+            raise ValueError("min_demos must be >= 0")
         if not 0 <= self.min_steps <= self.max_steps:
             raise ValueError("need 0 <= min_steps <= max_steps")
 
@@ -77,11 +85,16 @@ class Recipe:
         return self.lr if self.lr is not None else LR[space]
 
     def steps_for(self, n_demos: int) -> int:
-        """Adam steps for n demonstrations: `epochs` passes in batches of `batch_size`."""
-        if self.epochs == 0 or n_demos == 0:
+        """Adam steps for n demonstrations: `epochs` passes in batches of `batch_size` (none below
+        `min_demos`)."""
+        if self.epochs == 0 or n_demos == 0 or n_demos < self.min_demos:
             return 0
         per_epoch = n_demos / min(self.batch_size, n_demos)
         return max(self.min_steps, min(self.max_steps, math.ceil(self.epochs * per_epoch)))
+
+    def epochs_for(self, n_demos: int) -> float:
+        """The passes over n demonstrations that `steps_for(n)` steps make."""
+        return self.steps_for(n_demos) * min(self.batch_size, n_demos) / n_demos if n_demos else 0.0
 
     def but(self, **changes: Any) -> Recipe:
         """A copy with some fields changed."""

@@ -17,7 +17,15 @@ from model.scoring import prior_of
     (16, 0, 8, 0),    # no training
 ])
 def test_steps_are_epochs_over_the_demonstrations(n, epochs, batch, steps):
-    assert Recipe(epochs=epochs, batch_size=batch, min_steps=0).steps_for(n) == steps
+    r = Recipe(epochs=epochs, batch_size=batch, min_steps=0, min_demos=0)
+    assert r.steps_for(n) == steps
+    assert r.epochs_for(n) == pytest.approx(steps * min(batch, n) / n)
+
+
+def test_fewer_demonstrations_than_min_demos_train_nothing():
+    assert DEFAULT.steps_for(DEFAULT.min_demos - 1) == 0 and DEFAULT.epochs_for(DEFAULT.min_demos - 1) == 0
+    assert DEFAULT.steps_for(DEFAULT.min_demos) == DEFAULT.but(min_demos=0).steps_for(DEFAULT.min_demos) > 0
+    assert DEFAULT.but(min_demos=0).steps_for(4) == 8  # 8 epochs, one step each
 
 
 def test_steps_are_clamped_and_pinnable():
@@ -34,7 +42,7 @@ def test_lr_per_space_and_overrides():
 
 
 @pytest.mark.parametrize("bad", [dict(loss="hinge"), dict(batch_size=0), dict(epochs=-1), dict(predict_demos=-1),
-                                 dict(min_steps=5, max_steps=4)])
+                                 dict(min_steps=5, max_steps=4), dict(min_demos=-1)])
 def test_contradictory_recipes_are_refused(bad):
     with pytest.raises(ValueError):
         Recipe(**bad)

@@ -257,6 +257,16 @@ def test_a_task_with_no_knobs_gets_the_recipe_and_answers_an_input_alike_in_any_
     assert more["id"] != task["id"] and more["steps"] == DEFAULT.but(epochs=2).steps_for(8)
     assert more["recipe"]["lr"] == 0.01 and more["lr"] == 0.01
 
+    # fewer demonstrations than the recipe trains on: nothing trained, yet ready and calibrated;
+    # asking for epochs trains them anyway
+    few = create(client, sentiment(DEFAULT.min_demos - 1, tag="few")).json()
+    assert few["steps"] == 0 and few["epochs"] == 0
+    done = wait_status(client, few["id"])
+    r = client.post("/predict", json={"task_id": few["id"], "inputs": ["what a joy"]}, headers=auth())
+    assert r.status_code == 200 and r.json()["predictions"][0]["output"] in ("positive", "negative")
+    asked = create(client, {**sentiment(DEFAULT.min_demos - 1, tag="few"), "adaptation": {"epochs": 2}}).json()
+    assert asked["steps"] == DEFAULT.but(epochs=2, min_demos=0).steps_for(DEFAULT.min_demos - 1) > 0
+
 
 def test_the_list_filters_by_status_and_responses_say_what_they_cost(client):
     ready = create(client, {**sentiment(tag="filter-ready"), "adaptation": {"steps": 1}}).json()

@@ -80,10 +80,10 @@ class Entry:
 def recipe_of(rec: dict[str, Any]) -> Recipe:
     """The record's recipe; records written before recipes existed adapted with fixed steps of the LM loss."""
     if rec.get("recipe"):
-        return Recipe(**rec["recipe"])
+        return Recipe(**{"min_demos": 0, **rec["recipe"]})  # recipes stored before min_demos trained any number
     steps = rec.get("steps", 0)
     return Recipe(loss="lm", epochs=1.0 if steps else 0.0, batch_size=4, context_demos=4, lr=rec.get("lr"),
-                  predict_demos=None, calibrate=False, min_steps=steps, max_steps=steps)
+                  predict_demos=None, calibrate=False, min_demos=0, min_steps=steps, max_steps=steps)
 
 
 def _meta(prior: dict[str, float] | None) -> dict[str, str]:

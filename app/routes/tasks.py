@@ -80,10 +80,10 @@ def resolve_recipe(s, a: Adaptation, mode: str, ckpt_lr: float | None) -> Recipe
     lr = a.lr or ckpt_lr
     if lr is not None:
         recipe = recipe.but(lr=lr)
-    if a.epochs is not None:
-        recipe = recipe.but(epochs=a.epochs, min_steps=min(recipe.min_steps, 1 if a.epochs else 0))
+    if a.epochs is not None:  # asked for: trained whatever the number of demonstrations
+        recipe = recipe.but(epochs=a.epochs, min_steps=min(recipe.min_steps, 1 if a.epochs else 0), min_demos=0)
     if a.steps is not None:
-        recipe = recipe.but(epochs=1.0 if a.steps else 0.0, min_steps=a.steps, max_steps=a.steps)
+        recipe = recipe.but(epochs=1.0 if a.steps else 0.0, min_steps=a.steps, max_steps=a.steps, min_demos=0)
     return recipe
 
 
@@ -143,7 +143,7 @@ def create_or_reuse(body: TaskCreate, request: Request, who: str, s: Settings, s
             raise invalid(("body", "adaptation", "steps"), f"steps is {steps}; the limit is {s.adapt_max_steps}", "too_many_steps")
         raise invalid(("body", "adaptation", "epochs"), f"{recipe.epochs:g} epochs of {len(task.demonstrations)} demonstrations "
                       f"in batches of {recipe.batch_size} are {steps} steps; the limit is {s.adapt_max_steps}", "too_many_steps")
-    epochs = steps * min(recipe.batch_size, len(task.demonstrations)) / len(task.demonstrations)
+    epochs = recipe.epochs_for(len(task.demonstrations))
     spec = {"task": task.model_dump(exclude_none=True), "mode": mode, "recipe": recipe.to_dict(), "steps": steps,
             "epochs": epochs, "lr": recipe.lr_for("full" if mode == "full" else "lora"), "seed": a.seed,
             "checkpoint": ckpt, "base_model": s.base_model, "prompt_format": s.prompt_format}
