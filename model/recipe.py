@@ -40,8 +40,8 @@ class Recipe:
     length_norm: an option's score is its mean log-likelihood per token (True) or the sum.
     min_demos: with fewer demonstrations than this nothing is trained (steps 0): the prompt and
         the calibration still apply. At k=4 the trained recipe lost to calibrated in-context
-        prediction (report subset: -8.9 macro-F1, interval [-14.2, -3.5]; bench/results/search-k4
-        on the search subset); at k=16 it did not. k from 5 to 15 is not measured: 5 is the
+        prediction (report subset: -8.9 macro-F1, interval [-14.2, -3.5]; search subset: -1.5,
+        bench/results/search-k4); at k=16 it did not. k from 5 to 15 is not measured: 5 is the
         first k not known to lose. An explicit `epochs` or `steps` in a request trains.
     calibrate: subtract each option's prior, estimated once at adaptation time from the
         demonstrations' own scores (batch calibration with the demonstrations as the batch),
