@@ -32,8 +32,9 @@ class OpenAIError(BaseModel):
 class Adaptation(BaseModel):
     """How to adapt. Nothing needs to be given: the recipe (`model.recipe.DEFAULT`, with the
     operator's MAMLSERVE_ADAPT_RECIPE overrides) sets the loss, the epochs, the lr and the
-    calibration, and its steps follow from the number of demonstrations. A field given here
-    overrides the recipe's."""
+    calibration, and its steps follow from the number of demonstrations (none below the recipe's
+    min_demos, 5: there, calibrated in-context prediction did better). A field given here
+    overrides the recipe's; `epochs` or `steps` trains whatever the number."""
 
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON's true is not 1
 
