@@ -264,8 +264,13 @@ def markdown(summary: dict[str, Any], k: int, subset: str, seeds: Sequence[int],
 
 
 # --------------------------------------------------------------------------- main
-def config_key(name: str, recipe: Recipe | None, lora: LoraSpec, mode: str = "lora") -> str:
-    body = json.dumps({"name": name, "recipe": recipe.to_dict() if recipe else None, "peer": PEER if name == "peft_trainer" else None}
+def config_key(name: str, recipe: Recipe | None, lora: LoraSpec, mode: str = "lora", k: int = 16) -> str:
+    """What a journaled result depends on. `min_demos` counts only where it changes the steps
+    at this k (so results from before it existed still match)."""
+    fields = recipe.to_dict() if recipe else None
+    if fields and (k >= recipe.min_demos or not recipe.epochs):
+        del fields["min_demos"]
+    body = json.dumps({"name": name, "recipe": fields, "peer": PEER if name == "peft_trainer" else None}
                       | ({"lora": lora.__dict__} if recipe and recipe.epochs and lora != LoraSpec() and mode == "lora" else {})
                       | ({"mode": mode} if mode != "lora" else {}), sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
@@ -330,7 +335,7 @@ def main() -> None:
             untrained: dict = {}  # this task and seed's raw scores of recipes that train nothing
             for v in variants:
                 recipe = recipes.get(v)
-                key = f"{v}|{config_key(v, recipe, lm.lora, modes.get(v, 'lora'))}|{bt.name}|{args.k}|{seed}|{len(queries)}"
+                key = f"{v}|{config_key(v, recipe, lm.lora, modes.get(v, 'lora'), args.k)}|{bt.name}|{args.k}|{seed}|{len(queries)}"
                 if key not in known:
                     if v == "tfidf_lr":
                         r = run_tfidf(task, queries, seed)

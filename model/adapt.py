@@ -26,7 +26,8 @@ from torch import Tensor
 from model.lm import LM, Params
 from model.prompts import Formatter, Row, longest
 from model.recipe import DEFAULT, Recipe
-from model.scoring import Lower, Prefix, demo_spans, encode_prefix, in_context, option_prior, pad, row_keys, row_logprobs
+from model.scoring import (DemoScores, Lower, Prefix, demo_scores, demo_spans, encode_prefix, in_context, option_prior, pad,
+                           row_keys, row_logprobs)
 from model.task import Example, Task
 
 Episode = list[tuple[list[Example], Example]]  # (context demonstrations, query) pairs: one batch
@@ -147,13 +148,33 @@ def option_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, ins
     with torch.set_grad_enabled(torch.is_grad_enabled() and prompt_grad):
         prefix = encode_prefix(lm, ids, params, used, lower)
     sums, lengths = row_logprobs(lm, prefix, rows, params, hide=hide, lower=lower)
-    scores = sums / lengths if length_norm else sums
+    return scored_loss(sums, lengths, spans, length_norm, lm_weight)
+
+
+def scored_loss(sums: Tensor, lengths: Tensor, spans: Sequence[tuple[int, int, int]], length_norm: bool = True,
+                lm_weight: float = 0.0, lm_only: bool = False) -> Tensor:
+    """The loss from scored rows: per query, its rows [a, b) and gold row g (`spans`); the mean
+    cross-entropy over each query's option scores plus `lm_weight` times the LM loss on the gold
+    rows' tokens, or (`lm_only`, or no query with two options) that LM loss alone."""
     gold = torch.tensor([g for _, _, g in spans], device=sums.device)
-    ce = [-(scores[g] - torch.logsumexp(scores[a:b], 0)) for a, b, g in spans if b - a > 1]
     lm_term = -sums[gold].sum() / lengths[gold].sum()
+    scores = sums / lengths if length_norm else sums
+    ce = [] if lm_only else [-(scores[g] - torch.logsumexp(scores[a:b], 0)) for a, b, g in spans if b - a > 1]
     if not ce:
         return lm_term
     return torch.stack(ce).mean() + lm_weight * lm_term
+
+
+def recipe_loss(scored: DemoScores, queries: Sequence[Example], recipe: Recipe) -> float | None:
+    """The recipe's loss on these demonstrations from their leave-one-out scores in the
+    prediction prompt (None when one of them was not scored there)."""
+    rows = {id(d): i for i, d in enumerate(scored.demos)}
+    if not queries or any(id(q) not in rows for q in queries):
+        return None
+    n = len(scored.options)
+    spans = [(rows[id(q)] * n, rows[id(q)] * n + n, rows[id(q)] * n + scored.options.index(q.output)) for q in queries]
+    return scored_loss(scored.sums.flatten(), scored.lengths.flatten(), spans, recipe.length_norm,
+                       1.0 if recipe.loss == "mix" else 0.0, recipe.loss == "lm").item()
 
 
 def episode_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, instruction: str | None,
@@ -311,14 +332,27 @@ def adapt(
     fixed, trainable = start_params(lm, mode, start, seed)
     demos = task.demonstrations
     steps = recipe.steps_for(len(demos))
-    before = support_loss(lm, {**fixed, **trainable}, fmt, task, recipe, seed)
     episodes = support_episodes(demos, steps, recipe.batch_size, recipe.context_demos or 0, random.Random(seed))
     prompt = prompt_of(task, recipe)
+    # Training in the prediction prompt, the loss before is the first step's own and the loss
+    # after comes from the demonstrations' scores that calibration computes anyway (the same
+    # queries in the prediction prompt): two passes (`support_loss`) fewer per adaptation.
+    free = prompt is not None and task.options is not None and (recipe.calibrate or steps > 0)
+    init = {**fixed, **trainable}
+    before = None if free else support_loss(lm, init, fmt, task, recipe, seed)
     lower = frozen_below(lm, mode) if prompt is not None else None
     trainable, state, losses = inner_loop(lm, fixed, trainable, fmt, task.instruction, episodes, recipe.lr_for(mode),
                                           state, 0, on_step, task.options, recipe.loss, recipe.length_norm,
                                           prompt, recipe.prompt_grad, lower)
     params = {**fixed, **trainable}
-    after = support_loss(lm, params, fmt, task, recipe, seed) if steps else before
-    prior = option_prior(lm, task, params, recipe, fmt) if recipe.calibrate else None
+    scored = demo_scores(lm, task, params, recipe, fmt) if free else None
+    first = [q for _, q in episodes[0]] if episodes else list(demos)
+    after = recipe_loss(scored, first, recipe) if scored else None
+    if after is None:  # demonstrations with their own options, or not training in the prompt
+        before = before if before is not None else support_loss(lm, init, fmt, task, recipe, seed)
+        after = support_loss(lm, params, fmt, task, recipe, seed) if steps else before
+    elif before is None:
+        before = losses[0] if losses else after
+    prior = (scored.prior(recipe.length_norm) if scored else option_prior(lm, task, params, recipe, fmt)) \
+        if recipe.calibrate else None
     return Adapted(mode, trainable, before, after, losses, state, prior, recipe.epochs_for(len(demos)))

@@ -325,15 +325,30 @@ def demo_spans(fmt: Formatter, demos: Sequence[Example], ids: list[int], used: i
     return spans
 
 
-def option_prior(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe: Recipe,
-                 fmt: Formatter | None = None) -> dict[str, float] | None:
-    """The options' prior for `predict`, estimated once from the task's own demonstrations
-    scored as predictions would score them (None for tasks without one label set).
+@dataclass
+class DemoScores:
+    """Each demonstration's options scored as predictions score them, leave-one-out: row i of
+    `sums`/`lengths` is demos[i], column j is options[j] (sum of log-probs, token count)."""
 
-    Stored with the task, it gives every input the same answer whatever else is in its call.
-    With demonstrations in the prediction context, each one is scored with its own copy masked
-    from attention (leave-one-out at the cost of one prefix: it would otherwise copy its label,
-    and the prior would measure the copying)."""
+    demos: list[Example]
+    options: list[str]
+    sums: Tensor
+    lengths: Tensor
+
+    def scores(self, length_norm: bool) -> Tensor:
+        return self.sums / self.lengths if length_norm else self.sums
+
+    def prior(self, length_norm: bool) -> dict[str, float]:
+        return prior_of([dict(zip(self.options, row)) for row in self.scores(length_norm).tolist()])
+
+
+@torch.no_grad()
+def demo_scores(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe: Recipe,
+                fmt: Formatter | None = None) -> DemoScores | None:
+    """The task's demonstrations scored in the prediction prompt (None for tasks without one
+    label set). With demonstrations in the prediction context, each one is scored with its own
+    copy masked from attention (leave-one-out at the cost of one prefix: it would otherwise
+    copy its label)."""
     if not task.options:
         return None
     fmt = fmt or Formatter(lm.encode)
@@ -343,10 +358,18 @@ def option_prior(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe
     ids, used = fmt.prefix(shown.instruction, shown.demonstrations, longest(rows))
     spans = demo_spans(fmt, shown.demonstrations, ids, used)
     hide = [spans.get(id(d)) for d in demos for _ in task.options]
-    with torch.no_grad():
-        sums, lengths = row_logprobs(lm, encode_prefix(lm, ids, params, used), rows, params, hide=hide)
-    scores = (sums / lengths if recipe.length_norm else sums).view(len(demos), len(task.options))
-    return prior_of([dict(zip(task.options, row)) for row in scores.tolist()])
+    sums, lengths = row_logprobs(lm, encode_prefix(lm, ids, params, used), rows, params, hide=hide)
+    shape = (len(demos), len(task.options))
+    return DemoScores(demos, list(task.options), sums.view(shape), lengths.view(shape))
+
+
+def option_prior(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe: Recipe,
+                 fmt: Formatter | None = None) -> dict[str, float] | None:
+    """The options' prior for `predict`, estimated once from the task's own demonstrations
+    scored as predictions would score them (`demo_scores`; None for tasks without one label set).
+    Stored with the task, it gives every input the same answer whatever else is in its call."""
+    scored = demo_scores(lm, task, params, recipe, fmt)
+    return scored.prior(recipe.length_norm) if scored else None
 
 
 @torch.no_grad()

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
                                       "0: per queue, its task's hard time limit + 10 min (adapt: 40 min, meta: 6 h 10 min)")
     predict_timeout_s: float = 300.0  # how long /predict waits for the worker (a re-adaptation included)
     predict_linger_ms: float = 10.0  # an idle task's first /predict waits this long for concurrent calls to batch with
-    torch_threads: int = 0  # the worker's torch threads; 0: torch's default (one per core)
+    torch_threads: int = 0  # the worker's torch threads; 0: the cores it may use (affinity, cgroup quota)
 
     # --- crash recovery: a run whose worker stopped beating is queued again by the API's reaper
     heartbeat_s: float = Field(1.0, gt=0, description="how often a worker process reports itself and the run it is on")

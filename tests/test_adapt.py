@@ -70,6 +70,26 @@ def test_a_task_with_one_demonstration_per_label_adapts(lm):
     assert a.losses and a.loss_after < a.loss_before and set(a.prior) == set(task.options)
 
 
+@pytest.mark.parametrize("loss", ["lm", "options", "mix"])
+def test_losses_before_and_after_are_the_first_batch_in_the_prediction_prompt(lm, loss):
+    """Training in the prompt, adapt reports its losses without passes of its own: they must be
+    exactly the recipe's loss on the first step's queries at the start and at the end."""
+    from model.adapt import episode_loss, prompt_of
+
+    task = sentiment_task()
+    recipe = Recipe(loss=loss, epochs=2, batch_size=4, lr=3e-2)
+    a = adapt(lm, task, recipe, "lora", seed=3)
+    (first, *_) = support_episodes(task.demonstrations, recipe.steps_for(10), 4, 0, random.Random(3))
+    fixed, init = start_params(lm, "lora", None, 3)
+    fmt = Formatter(lm.encode)
+    with torch.no_grad():
+        at = lambda p: episode_loss(lm, p, fmt, task.instruction, first, task.options, loss,  # noqa: E731
+                                    prompt=prompt_of(task, recipe)).item()
+        assert a.loss_before == pytest.approx(at(init), abs=1e-5)
+        assert a.loss_after == pytest.approx(at(a.params), abs=1e-5)
+    assert a.loss_after != a.loss_before  # it trained
+
+
 def test_support_episodes_cover_every_demonstration_and_never_leak_the_query():
     demos = sentiment_task().demonstrations
     eps = support_episodes(demos, steps=5, batch_size=4, context_demos=3, rng=random.Random(0))

@@ -39,3 +39,20 @@ def test_a_hugging_face_folder_loads_with_identical_logits(tmp_path):
     assert torch.equal(lm(None, input_ids=x).logits, tiny_model()(input_ids=x).logits)
     assert lm.dtype == torch.float32 and len(lm.sha256) == 64
     assert load_lm(str(tmp_path / "m"), tmp_path).sha256 == lm.sha256  # memoised, stable
+
+
+def test_worker_threads_follow_the_cores_it_may_use(tmp_path):
+    """A docker --cpus quota caps the threads below the machine's cores; no quota leaves the affinity."""
+    import os
+
+    from worker.runtime import cores
+
+    mine = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("50000 100000\n")  # half a core: still one thread
+    assert cores(quota) == 1
+    quota.write_text(f"{100000 * (mine + 4)} 100000\n")  # a quota above the affinity: the affinity
+    assert cores(quota) == mine
+    quota.write_text("max 100000\n")
+    assert cores(quota) == mine
+    assert cores(tmp_path / "absent") == mine

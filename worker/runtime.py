@@ -12,6 +12,8 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -111,12 +113,26 @@ def base_info(s: Settings, lm: LM) -> dict[str, str]:
     return info
 
 
+def cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity (taskset, cpusets), capped by a cgroup v2
+    CPU quota (docker --cpus). torch's default counts every core of the machine, and threads
+    beyond the quota only wait for each other."""
+    n = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return n
+
+
 class Runtime:
     def __init__(self, s: Settings, worker: str = ""):
         """worker: the name this process's counters carry in /metrics."""
         self.s = s
-        if s.torch_threads:  # two workers on one machine: split the cores, or they fight over them
-            torch.set_num_threads(s.torch_threads)
+        # two workers on one machine: set torch_threads to split the cores, or they fight over them
+        torch.set_num_threads(s.torch_threads or cores())
         prepare_model(s)
         dtype = None if s.dtype == "auto" else getattr(torch, s.dtype)
         self.lm: LM = load_lm(s.base_model, s.data_dir, s.device, lora_spec(s), dtype=dtype)
