@@ -155,7 +155,7 @@ class MetaTrainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON's true is not 1
 
     setting: str = Field(min_length=1, max_length=100, description="task-bank setting to meta-train on")
-    method: Literal["maml", "fomaml", "metaicl"] = "maml"
+    method: Literal["maml", "fomaml", "reptile", "metaicl"] = "maml"  # = model.meta_train.METHODS
     space: Literal["lora", "full"] = "lora"
     hyperparameters: dict[str, Any] = Field(default_factory=dict, description="overrides of the meta-training config")
 

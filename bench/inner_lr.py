@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--support-batch", type=int, default=2)
     ap.add_argument("--query-size", type=int, default=8)
     ap.add_argument("--context-demos", type=int, default=2)
+    ap.add_argument("--inner-context", choices=["sampled", "recipe"], default="sampled",
+                    help="sampled: --context-demos drawn demonstrations per example; recipe: the prediction prompt")
     ap.add_argument("--context-tokens", type=int, default=192)
     ap.add_argument("--device", default=None)
     ap.add_argument("--data-dir", type=Path, default=None)
@@ -71,7 +73,8 @@ def main() -> None:
             cfg = MetaTrainConfig(method="fomaml", space="lora", setting=args.setting, inner_lr=lr,
                                   shared_moments=state is not None, support_size=args.support_size,
                                   support_batch=args.support_batch, query_size=args.query_size,
-                                  context_demos=args.context_demos, context_tokens=args.context_tokens)
+                                  context_demos=args.context_demos, context_tokens=args.context_tokens,
+                                  inner_context=args.inner_context)
             trainer = MetaTrainer(cfg, lm, source, dict(params), state.detached() if state else AdamState())
             r = trainer.held_out_loss(n_tasks=args.tasks, adapt_steps=args.steps)
             out[name][f"{lr:g}"] = {"icl": round(r["icl"], 4), "adapted": round(r["adapted"], 4),

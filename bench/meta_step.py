@@ -1,8 +1,10 @@
 """Throughput of one meta-training step per method and parameter space (tokens/s; MFU on CUDA).
 
 A step is what `MetaTrainer.step` does: `tasks` tasks, each with `inner_steps` inner steps on
-`support_batch` support sequences (maml, fomaml) and one query batch of `query` sequences;
-MetaICL only the query batch. tokens = every token that goes through the model in the step
+`support_batch` support sequences (maml, fomaml, reptile) and one query batch of `query`
+sequences; MetaICL only the query batch. Contexts are sampled (`--inner-context sampled`, the
+default here: sequences of a controlled length) or the prediction prompt (`recipe`: the support
+set as a shared prompt; task-by-task only, batched runs are skipped). tokens = every token that goes through the model in the step
 (support tokens once per inner step, plus query tokens); tokens/s = tokens / median step time.
 MFU = FLOPs of one step, counted by `torch.utils.flop_counter.FlopCounterMode` on the real
 step (matmuls and attention; forward, backward and the double backward of second order), per
@@ -96,7 +98,7 @@ def bench(lm: LM, source: TaskSource, method: str, space: str, args, batched: bo
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = MetaTrainConfig(method=method, space=space, setting="synthetic-long", tasks_per_step=args.tasks,
-                          batch_tasks=batched,
+                          batch_tasks=batched, inner_context=args.inner_context,
                           inner_steps=args.inner_steps, support_size=args.support_batch + 2,
                           support_batch=args.support_batch, query_size=args.query, context_demos=args.demos,
                           context_tokens=args.seq, grad_checkpointing=args.grad_checkpointing,
@@ -138,7 +140,8 @@ def bench(lm: LM, source: TaskSource, method: str, space: str, args, batched: bo
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", help="smollm2 | tiny | a HF folder | " + " | ".join(SHAPES))
-    ap.add_argument("--methods", default="maml,fomaml,metaicl")
+    ap.add_argument("--methods", default="maml,fomaml,reptile,metaicl")
+    ap.add_argument("--inner-context", choices=["sampled", "recipe"], default="sampled")
     ap.add_argument("--spaces", default="lora,full")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seq", type=int, default=256, help="tokens per sequence (prompt budget)")
@@ -171,6 +174,8 @@ def main() -> None:
     source = long_source(args.words)
     results = {}
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.batch_tasks]
+    if args.inner_context == "recipe":
+        modes = [b for b in modes if not b]  # the prediction prompt has no vmapped path (MetaTrainConfig says so)
     configs = [(m, sp, b) for sp in args.spaces.split(",") for m in args.methods.split(",") for b in modes]
     for method, space, batched in configs:
         try:

@@ -1,14 +1,18 @@
-"""The whole comparison in one run: MAML-en-LLM vs FOMAML vs MetaICL vs no meta-training,
+"""The whole comparison in one run: MAML-en-LLM vs FOMAML vs Reptile vs MetaICL vs no meta-training,
 in context and after test-time adaptation, on one setting's held-out tasks at a fixed budget.
 
 Every method gets the same budget: the same outer steps, tasks per step, episode sizes and
 (per step) the same sampled tasks and examples (the draws depend on seed and step only).
-Then `model.evaluate` scores the base model and the three checkpoints on the held-out tasks
+Then `model.evaluate` scores the base model and the four checkpoints on the held-out tasks
 (MetaICL protocol, macro-F1 / accuracy on 0-100, and the gold option's probability), and the
-pairs that matter (maml vs metaicl, maml vs fomaml, each vs base) are compared paired by task
+pairs that matter (maml vs metaicl, maml vs fomaml, reptile vs fomaml, each vs base) are compared paired by task
 and seed, with a 95% bootstrap interval over tasks: a margin whose interval spans 0 is noise
 at this budget. The last line printed is JSON: {"setting", "budget", "results":
-{maml|fomaml|metaicl|base: {"icl", "adapted", ...}}, "margins", ...}.
+{maml|fomaml|reptile|metaicl|base: {"icl", "adapted", ...}}, "margins", ...}.
+
+Meta-training runs with inner_context "sampled" (`context_demos` drawn demonstrations per
+example): the context `model.evaluate` adapts in (its recipe has `context_demos` set), and the
+one the committed results were measured with.
 
 A run can be interrupted anywhere and resumed by running it again with the same --out:
 meta-training checkpoints every tenth of its steps and resumes from the furthest one, and every
@@ -64,8 +68,8 @@ BUDGETS = {
         eval=dict(k=4, seeds=[100, 13], n_test=8, max_tasks=2, adapt_steps=1, adapt_batch=2, context_demos=2),
     ),
 }
-METHODS = ("maml", "fomaml", "metaicl")
-PAIRS = (("maml", "metaicl"), ("maml", "fomaml"), ("maml", "base"), ("metaicl", "base"))
+METHODS = ("maml", "fomaml", "reptile", "metaicl")
+PAIRS = (("maml", "metaicl"), ("maml", "fomaml"), ("reptile", "fomaml"), ("maml", "base"), ("metaicl", "base"))
 log = logging.getLogger("bench.quality")
 
 
@@ -133,7 +137,8 @@ def main() -> None:
     lm = load_for_eval(budget["model"], data_dir, args.device)  # fp32 (+ bf16 autocast on CUDA)
     source = task_source(setting, data_dir, args.settings_dir)
     source.held_out = shortest_tasks(lm, source.held_out, ev["max_tasks"])  # the budget's sequences are short
-    train_cfg = {k: v for k, v in budget.items() if k != "model"} | {"batch_tasks": args.batch_tasks}
+    train_cfg = {k: v for k, v in budget.items() if k != "model"} | {"batch_tasks": args.batch_tasks,
+                                                                      "inner_context": "sampled"}
     ids, train_s = {}, {}
     for method in METHODS:
         prev = latest(data_dir, tag, method)

@@ -1,4 +1,4 @@
-"""Meta-training: MAML-en-LLM (second order), first-order MAML and MetaICL in one outer loop.
+"""Meta-training: MAML-en-LLM (second order), first-order MAML, Reptile and MetaICL in one outer loop.
 
 One outer step (`MetaTrainer.step`):
 1. draw `tasks_per_step` meta-train tasks; from each, a support set (`support_size` examples)
@@ -6,19 +6,33 @@ One outer step (`MetaTrainer.step`):
 2. per task, the method's task loss at the current meta-parameters θ (the LoRA init on a
    frozen base, or the full weights):
    - maml:    θ' = inner_loop(θ, support episodes, order=2): `inner_steps` Adam steps on the
-              support set's in-context loss (each support example the query, others in
-              context: `model.adapt.support_episodes`), with the graph kept through every step;
-              loss = icl_loss(θ', query episode);
+              support set (`support_batch` examples a step), with the graph kept through every
+              step; loss = query loss at θ';
    - fomaml:  the same with order=1 (inner gradients are constants: dθ'/dθ = I);
-   - metaicl: no inner loop; loss = icl_loss(θ, query episode) — MetaICL's multi-task
-              in-context training on the very same episodes;
-   the query episode puts `context_demos` support examples in context of each query example,
-   which is also how the held-out evaluation prompts (k demonstrations in context);
-3. the meta-gradient ∂loss/∂θ is averaged over the tasks (each task's graph is freed before
-   the next is built), clipped to `max_grad_norm`, and θ takes one Adam step (`adam_update`,
-   the same functional Adam as the inner loop).
-The inner loop is `model.adapt.inner_loop` and the loss `model.adapt.icl_loss`: test-time
-adaptation and meta-training run the same code.
+   - reptile: (Nichol et al. 2018) the same inner loop at order 0 (no graph); the task's
+              meta-gradient is θ - θ' itself, so the outer step moves θ toward the adapted
+              weights. No query loss is differentiated (it is still computed at θ', no grad,
+              for the metrics). Cheaper than fomaml by the query's forward-backward; with one
+              inner step it is plain multi-task training on the support sets;
+   - metaicl: no inner loop; loss = query loss at θ — MetaICL's multi-task in-context
+              training on the very same episodes;
+3. the meta-gradient ∂loss/∂θ (reptile: θ - θ') is averaged over the tasks (each task's graph
+   is freed before the next is built), clipped to `max_grad_norm`, and θ takes one Adam step
+   (`adam_update`, the same functional Adam as the inner loop).
+
+Inner context (`inner_context`): what each support and query example sees.
+   - "recipe" (the default for new runs): the test-time recipe (`model.recipe.DEFAULT`, as
+     `model.adapt.adapt` runs it). The prediction prompt holds the whole support set; each
+     support episode's examples are trained in it with their own copy masked from attention,
+     with the recipe's loss and lr (`inner_lr` None); the query examples are scored in that
+     same prompt, as held-out predictions will be (`episode_loss(..., prompt=support)`). The
+     schedule stays the config's (`inner_steps` x `support_batch`), not the recipe's epochs:
+     8 epochs of second-order steps would cost what a test-time adaptation does, per task.
+   - "sampled": each example with `context_demos` support examples drawn at random in its
+     context, LM loss (`icl_loss`): runs before the field existed, and a checkpoint without
+     it resumes so (`resumed_config`). The vmapped path (`batch_tasks`) supports only this.
+Either way the inner loop is `model.adapt.inner_loop` and the loss `model.adapt.episode_loss`:
+test-time adaptation and meta-training run the same code.
 
 Shared moments (`shared_moments`, default on for maml and fomaml; our reading of the
 MAML-en-LLM recipe). There is ONE `AdamState` S (m, v, t). Each task's inner loop starts from
@@ -29,8 +43,9 @@ step updates S itself with the meta-gradient. So S only ever holds meta-gradient
 and the inner loop preconditions its steps with them. The moments are constants for the
 second-order gradient (they are not functions of θ). With the switch off, every inner loop
 starts from empty moments (as test-time `adapt` does without a state) and S is the outer
-optimiser's alone. A checkpoint stores S either way; the evaluation hands it to test-time
-`adapt` only for checkpoints trained with shared moments.
+optimiser's alone. Reptile never shares: its S holds moments of θ - θ', a displacement, not a
+gradient. A checkpoint stores S either way; the evaluation hands it to test-time `adapt` only
+for checkpoints trained with shared moments.
 
 Why the switch matters for second order. From empty moments, Adam's first inner step is
 u = g/(sqrt(g²+ε²)+ε) ≈ sign(g): its Jacobian is ≈ ε²/|g|³, negligible where |g| ≫ ε and 1/ε
@@ -45,8 +60,9 @@ bounds what is left.
 
 Batching tasks (`batch_tasks`). The step's tasks can also run as one batch: `torch.func.vmap`
 over tasks of the same inner loop, with `torch.func.grad` for the inner and the meta-gradient
-(`MetaTrainer.batched_step`); the same draws and meta-gradient as the task-by-task loop. A
-135M model's step is launch-bound on a GPU, and this makes its kernels T times larger.
+(`MetaTrainer.batched_step`); the same draws and meta-gradient as the task-by-task loop, for
+every method, in the "sampled" inner context only. A 135M model's step is launch-bound on a
+GPU, and this makes its kernels T times larger.
 
 Practicalities. Second order needs attention with a double backward: the step runs under
 `sdpa_kernel(SDPBackend.MATH)` (CPU SDPA's fused kernel has none). Gradient checkpointing
@@ -84,19 +100,19 @@ from tqdm.auto import tqdm
 from model import checkpoints
 from model.bank.sampling import sample_episode as bank_sample_episode
 from model.adapt import (
-    AdamState, Episode, adam_update, episode_batch, icl_loss, inner_loop, sequences, support_episodes, target_loss,
+    AdamState, Episode, adam_update, episode_batch, episode_loss, inner_loop, sequences, support_episodes, target_loss,
 )
 from model.blobs import Blobs
 from model.lm import LM, LoraSpec, Params
-from model.prompts import Formatter
-from model.recipe import LR
+from model.prompts import Formatter, longest
+from model.recipe import DEFAULT
 from model.settings import get_settings
 from model.task import Example
 
 log = logging.getLogger("mamlserve.meta_train")
 
-METHODS = ("maml", "fomaml", "metaicl")
-ORDER = {"maml": 2, "fomaml": 1, "metaicl": None}
+METHODS = ("maml", "fomaml", "reptile", "metaicl")
+ORDER = {"maml": 2, "fomaml": 1, "reptile": 0, "metaicl": None}  # the inner loop's order (None: no inner loop)
 Progress = Callable[[int, int, dict[str, Any]], None]
 
 
@@ -105,20 +121,26 @@ class MetaTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["maml", "fomaml", "metaicl"] = "maml"
+    method: Literal["maml", "fomaml", "reptile", "metaicl"] = "maml"  # = METHODS (and app.schemas' choices)
     space: Literal["lora", "full"] = "lora"
     setting: str = Field("class_to_class", description="a task-bank setting, or 'synthetic' (built in code)")
     base_model: str | None = Field(None, description="model spec; None: the settings' base_model")
     steps: int = Field(100, ge=0, description="outer steps in total (a resumed run counts the parent's)")
     tasks_per_step: int = Field(4, ge=1)
-    inner_steps: int = Field(1, ge=1, description="inner Adam steps per task (maml, fomaml)")
-    inner_lr: float | None = Field(None, gt=0, description="None: the recipe's default lr for the space (model.recipe.LR)")
+    inner_steps: int = Field(1, ge=1, description="inner Adam steps per task (maml, fomaml, reptile)")
+    inner_lr: float | None = Field(None, gt=0, description="None: the recipe's lr for the space (model.recipe.DEFAULT)")
+    inner_context: Literal["recipe", "sampled"] = Field(
+        "recipe", description="'recipe': the test-time recipe's loss, support and query examples all scored in the "
+        "prediction prompt (the support set in context, each example's own copy masked); 'sampled': each example "
+        "with `context_demos` support examples drawn at random, LM loss (every run before this field existed)")
     outer_lr: float | None = Field(None, gt=0, description="None: 3e-4 (lora) / 1e-5 (full)")
     support_size: int = Field(8, ge=2, description="support examples drawn per task")
     support_batch: int = Field(4, ge=1, description="support queries per inner step")
     query_size: int = Field(4, ge=1, description="query examples per task")
-    context_demos: int = Field(4, ge=0, description="demonstrations in context of each support/query example")
-    shared_moments: bool | None = Field(None, description="one Adam state for inner and outer; None: on for maml/fomaml")
+    context_demos: int = Field(4, ge=0, description="demonstrations in context of each support/query example "
+                               "(inner_context 'sampled')")
+    shared_moments: bool | None = Field(None, description="one Adam state for inner and outer; None: on for maml/fomaml "
+                                        "(reptile: never)")
     max_grad_norm: float | None = Field(1.0, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     prompt_format: str | None = None
@@ -138,10 +160,16 @@ class MetaTrainConfig(BaseModel):
     tag: str | None = Field(None, description="free text stored in meta.json")
 
     @model_validator(mode="after")
-    def _batching(self) -> MetaTrainConfig:
+    def _combinations(self) -> MetaTrainConfig:
         if self.batch_tasks and self.grad_checkpointing:
             raise ValueError("batch_tasks and grad_checkpointing cannot be combined (the checkpointing wrapper "
                              "re-installs parameters per layer, which torch.func.vmap does not see)")
+        if self.batch_tasks and self.inner_context == "recipe":
+            raise ValueError("batch_tasks needs inner_context 'sampled': scoring in the prediction prompt (a shared "
+                             "KV cache, per-row masks built in Python) has no torch.func.vmap form")
+        if self.method == "reptile" and self.shared_moments:
+            raise ValueError("reptile cannot share Adam moments: its outer 'gradient' is a parameter displacement "
+                             "(θ - θ'), not a gradient, and its statistics would precondition the inner steps wrongly")
         return self
 
     # --- resolved values (defaults that depend on the method, space or settings)
@@ -151,13 +179,13 @@ class MetaTrainConfig(BaseModel):
 
     @property
     def shared(self) -> bool:
-        if self.order is None:
+        if not self.order:  # metaicl has no inner loop; reptile's outer moments are not gradient moments
             return False
         return True if self.shared_moments is None else self.shared_moments
 
     @property
     def lr_inner(self) -> float:
-        return self.inner_lr if self.inner_lr is not None else LR[self.space]
+        return self.inner_lr if self.inner_lr is not None else DEFAULT.lr_for(self.space)
 
     @property
     def lr_outer(self) -> float:
@@ -281,14 +309,45 @@ def episode_tokens(fmt: Formatter, instruction: str | None, episode: Episode) ->
     return sum(len(s) for s in seqs)
 
 
+def prompt_tokens(fmt: Formatter, instruction: str | None, prompt: Sequence[Example], episode: Episode) -> int:
+    """Tokens through the model for an episode scored in a prediction prompt: the prompt once
+    (a shared KV cache), then each query's gold row."""
+    rows = [fmt.row(q.input, q.output) for _, q in episode]
+    ids, _ = fmt.prefix(instruction, prompt, longest(rows))
+    return len(ids) + sum(len(r.ctx) + len(r.target) for r in rows)
+
+
 # --------------------------------------------------------------------------- model contexts
+class _ReplayCache:
+    """One layer's KV cache as it was before a checkpointed forward: `update` returns what the
+    real cache's returned then (its keys and values, then the new ones) and stores nothing."""
+
+    def __init__(self, kv: tuple[Tensor, Tensor] | None):
+        self.kv = kv
+
+    @classmethod
+    def of(cls, cache: Any, idx: int | None) -> _ReplayCache:
+        layers = getattr(cache, "layers", None)
+        if idx is None or layers is None:
+            raise NotImplementedError(f"gradient checkpointing over a {type(cache).__name__} cache")
+        layer = layers[idx] if idx < len(layers) else None
+        return cls((layer.keys, layer.values) if layer is not None and layer.is_initialized else None)
+
+    def update(self, keys: Tensor, values: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if self.kv is None:
+            return keys, values
+        return torch.cat([self.kv[0], keys], dim=-2), torch.cat([self.kv[1], values], dim=-2)
+
+
 @contextlib.contextmanager
 def grad_checkpointing(lm: LM, enabled: bool = True) -> Iterator[None]:
     """Recompute each decoder layer in backward, with the tensors the forward actually used.
 
     Under `functional_call` a layer's `named_parameters()` are the override tensors, so they are
     captured at forward time and re-installed for the recomputation. Non-reentrant checkpointing
-    supports `autograd.grad(create_graph=True)`: second order works through it.
+    supports `autograd.grad(create_graph=True)`: second order works through it. A KV cache (the
+    prediction prompt of inner_context "recipe") is replayed to the recomputation as the forward
+    found it (`_ReplayCache`).
     """
     if not enabled:
         yield
@@ -304,12 +363,20 @@ def grad_checkpointing(lm: LM, enabled: bool = True) -> Iterator[None]:
         def fwd(*args, _orig=orig, _layer=layer, **kwargs):
             if not torch.is_grad_enabled():
                 return _orig(*args, **kwargs)
-            kwargs["past_key_values"] = None  # a cache would be appended to twice (forward + recompute)
             names, tensors = zip(*_layer.named_parameters())
+            # A KV cache (a prompt encoded once, or rows on top of one) is appended to by the
+            # forward; the recomputation must see what the forward saw, not the cache after it.
+            cache = kwargs.get("past_key_values")
+            idx = getattr(getattr(_layer, "self_attn", None), "layer_idx", None)
+            seen = _ReplayCache.of(cache, idx) if cache is not None else None
+            calls = 0
 
             def run(*ts):
+                nonlocal calls
+                calls += 1
+                kw = kwargs if calls == 1 or cache is None else {**kwargs, "past_key_values": seen}
                 with _reparametrize_module(_layer, dict(zip(names, ts))):
-                    return _orig(*args, **kwargs)
+                    return _orig(*args, **kw)
 
             return checkpoint(run, *tensors, use_reentrant=False)
 
@@ -351,6 +418,17 @@ def _ordered(tensors: Params, names: Sequence[str]) -> Params:
     """tensors with the keys in `names` first, in that order (any others after, as they came)."""
     known = set(names)
     return {k: tensors[k] for k in names if k in tensors} | {k: v for k, v in tensors.items() if k not in known}
+
+
+@dataclass
+class Draw:
+    """One task's examples for a step: the support set, the query episode, one support episode
+    per inner step (none for MetaICL) and the tokens they put through the model."""
+
+    support: list[Example]
+    query: Episode
+    episodes: list[Episode]
+    tokens: int
 
 
 @dataclass
@@ -402,40 +480,85 @@ class MetaTrainer:
     def rng(self, step: int) -> random.Random:
         return random.Random(f"meta:{self.cfg.seed}:{step}")  # a str seed is hashed with sha512: stable across runs
 
-    def draw(self, task: Any, rng: random.Random) -> tuple[Episode, list[Episode], int]:
-        """A task's query episode, its support episodes (one per inner step; none for MetaICL) and
-        their token count."""
+    def episodes(self, support: list[Example], queries: list[Example], steps: int,
+                 rng: random.Random) -> tuple[Episode, list[Episode]]:
+        """The query episode and `steps` support episodes of `support_batch` examples each, in the
+        run's inner context."""
+        cfg = self.cfg
+        if cfg.inner_context == "sampled":
+            q_ep = query_episode(support, queries, cfg.context_demos, rng)
+            return q_ep, support_episodes(support, steps, cfg.support_batch, cfg.context_demos, rng)
+        # "recipe": the prediction prompt holds the whole support set, so no example gets a context of its own
+        return [([], q) for q in queries], support_episodes(support, steps, cfg.support_batch, 0, rng)
+
+    def draw(self, task: Any, rng: random.Random) -> Draw:
         cfg, fmt = self.cfg, self.fmt
         support, queries = sample_episode(task, rng, cfg.support_size, cfg.query_size, fmt, self.max_row)
-        q_ep = query_episode(support, queries, cfg.context_demos, rng)
-        episodes = [] if cfg.order is None else support_episodes(support, cfg.inner_steps, cfg.support_batch,
-                                                                 cfg.context_demos, rng)
-        tokens = sum(episode_tokens(fmt, task.instruction, ep) for ep in [q_ep, *episodes])
-        return q_ep, episodes, tokens
+        q_ep, episodes = self.episodes(support, queries, 0 if cfg.order is None else cfg.inner_steps, rng)
+        if cfg.inner_context == "sampled":
+            tokens = sum(episode_tokens(fmt, task.instruction, ep) for ep in [q_ep, *episodes])
+        else:
+            tokens = sum(prompt_tokens(fmt, task.instruction, support, ep) for ep in [q_ep, *episodes])
+        return Draw(support, q_ep, episodes, tokens)
+
+    def recipe_args(self, task: Any, support: list[Example]) -> dict[str, Any]:
+        """`episode_loss` / `inner_loop` keywords of the inner context. "recipe": what test-time
+        `adapt` passes (`model.adapt.prompt_of`): the recipe's loss in the prediction prompt, the
+        support set being the demonstrations. "sampled": none, i.e. the LM loss (`icl_loss`) with
+        each example's own sampled context."""
+        if self.cfg.inner_context == "sampled":
+            return {}
+        return dict(options=task.options, loss=DEFAULT.loss, length_norm=DEFAULT.length_norm, prompt=support,
+                    prompt_grad=DEFAULT.prompt_grad)
+
+    def query_loss(self, task: Any, params: Params, d: Draw) -> Tensor:
+        """The query episode's loss under `params`: what the meta-gradient differentiates (and
+        what is reported). In the prediction prompt the gradient also flows through the prompt's
+        keys and values (prompt_grad): the recipe holds them constant at test time to save a
+        backward pass, but how demonstrations are encoded is part of what meta-training learns."""
+        return episode_loss(self.lm, params, self.fmt, task.instruction, d.query,
+                            **{**self.recipe_args(task, d.support), "prompt_grad": True})
+
+    def adapt(self, task: Any, theta: Params, d: Draw, order: int,
+              state: AdamState | None = None) -> tuple[Params, list[float]]:
+        """θ' = the inner loop from θ on the draw's support episodes: `model.adapt.inner_loop`,
+        the very function test-time adaptation runs, with the same keywords in "recipe" context."""
+        state = state if state is not None else self.inner_state()
+        adapted, _, losses = inner_loop(self.lm, {}, dict(theta), self.fmt, task.instruction, d.episodes,
+                                        self.cfg.lr_inner, state, order, **self.recipe_args(task, d.support))
+        return adapted, losses
 
     def inner_state(self) -> AdamState:
         return self.state.detached() if self.cfg.shared else AdamState(betas=self.state.betas, eps=self.state.eps)
 
     def task_step(self, task: Any, theta: Params, rng: random.Random, track_before: bool) -> TaskResult:
         """One task's contribution to the meta-gradient (its graph is freed on return)."""
-        cfg, lm, fmt = self.cfg, self.lm, self.fmt
-        q_ep, episodes, tokens = self.draw(task, rng)
-        instr = task.instruction
+        cfg = self.cfg
+        d = self.draw(task, rng)
         before = support_loss = None
         if cfg.order is None:  # MetaICL: in-context loss at θ itself
-            loss = icl_loss(lm, theta, fmt, instr, q_ep)
+            loss = self.query_loss(task, theta, d)
         else:
-            inner_state = self.inner_state()
             if track_before:
                 with torch.no_grad():
-                    before = icl_loss(lm, theta, fmt, instr, q_ep).item()
-            adapted, _, losses = inner_loop(lm, {}, dict(theta), fmt, instr, episodes, cfg.lr_inner, inner_state, cfg.order)
+                    before = self.query_loss(task, theta, d).item()
+            adapted, losses = self.adapt(task, theta, d, cfg.order)
             support_loss = losses[0]
-            loss = icl_loss(lm, adapted, fmt, instr, q_ep)
+            if cfg.method == "reptile":
+                # Reptile: the task's meta-gradient is θ - θ' (the outer step moves θ toward the
+                # adapted weights); no query loss is differentiated, it is only reported. Its scale
+                # (~ inner lr x inner steps) is not a gradient's, but the outer Adam normalises
+                # the step by the pseudo-gradient's own running moments, so the outer lr is the
+                # step size either way.
+                with torch.no_grad():
+                    after = self.query_loss(task, adapted, d).item()
+                g = {k: (p - adapted[k]).detach() for k, p in theta.items()}
+                return TaskResult(g, after, before, support_loss, d.tokens)
+            loss = self.query_loss(task, adapted, d)
         grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
         g = {k: (x.detach() if x is not None else torch.zeros_like(p)) for (k, p), x in zip(theta.items(), grads)}
         after = loss.item()
-        return TaskResult(g, after, after if cfg.order is None else before, support_loss, tokens)
+        return TaskResult(g, after, after if cfg.order is None else before, support_loss, d.tokens)
 
     def step(self, track_before: bool = False) -> dict[str, Any]:
         """One outer step; returns its metrics."""
@@ -484,10 +607,13 @@ class MetaTrainer:
         (functional Adam, inner gradients by `torch.func.grad`), and `torch.func.grad` of the mean
         query loss for the meta-gradient. Same draws and the same meta-gradient as the task-by-task
         loop (to float rounding), in T-times larger kernels: what a latency-bound GPU step needs.
-        Episodes are right-padded to one shape and run without an attention mask (`target_loss`)."""
+        Reptile vmaps the inner loops alone (its meta-gradient is θ - θ'). Episodes are
+        right-padded to one shape and run without an attention mask (`target_loss`)."""
         from torch.func import grad, grad_and_value, vmap
 
         cfg, lm, fmt = self.cfg, self.lm, self.fmt
+        if cfg.inner_context != "sampled":
+            raise ValueError("batched_step needs inner_context 'sampled' (see MetaTrainConfig)")
         drawn = [self.draw(t, rng) for t in tasks]
 
         def stacked(eps: list[Episode]) -> tuple[Tensor, Tensor]:
@@ -496,8 +622,8 @@ class MetaTrainer:
             batches = [episode_batch(lm, fmt, t.instruction, e, rows, length) for t, e in zip(tasks, eps)]
             return torch.stack([b[0] for b in batches]), torch.stack([b[2] for b in batches])
 
-        q_ids, q_labels = stacked([d[0] for d in drawn])
-        sup = [stacked([d[1][i] for d in drawn]) for i in range(len(drawn[0][1]))]
+        q_ids, q_labels = stacked([d.query for d in drawn])
+        sup = [stacked([d.episodes[i] for d in drawn]) for i in range(len(drawn[0].episodes))]
         state = self.inner_state() if cfg.order is not None else None
 
         def loss(p: Params, ids: Tensor, labels: Tensor) -> Tensor:
@@ -507,25 +633,29 @@ class MetaTrainer:
             p, st, first = theta, state, torch.zeros(())
             for i, (s_ids, s_labels) in enumerate(sup_batches):
                 g, value = grad_and_value(loss)(p, s_ids, s_labels)
-                if cfg.order == 1:
+                if cfg.order < 2:
                     g = {k: x.detach() for k, x in g.items()}
                 p, st = adam_update(p, g, st, cfg.lr_inner)
                 first = value.detach() if i == 0 else first
-            return loss(p, ids, labels), first
+            return loss(p, ids, labels), first, p
 
         def mean_query_loss(theta: Params):
-            q, first = vmap(one, in_dims=(None, 0, 0, 0))(theta, sup, q_ids, q_labels)
+            q, first, _ = vmap(one, in_dims=(None, 0, 0, 0))(theta, sup, q_ids, q_labels)
             return q.mean(), (q.detach(), first)
 
         theta = {k: p.detach() for k, p in self.params.items()}
         with torch.no_grad():  # grad() still differentiates; the module's own parameters build no graph
-            meta_grad, (after, first) = grad(mean_query_loss, has_aux=True)(theta)
+            if cfg.method == "reptile":  # the mean of θ - θ' over tasks (see task_step); nothing to differentiate
+                after, first, adapted = vmap(one, in_dims=(None, 0, 0, 0))(theta, sup, q_ids, q_labels)
+                meta_grad = {k: (p - adapted[k]).sum(0) / len(tasks) for k, p in theta.items()}
+            else:
+                meta_grad, (after, first) = grad(mean_query_loss, has_aux=True)(theta)
         before = [None] * len(tasks)
         if track_before and cfg.order is not None:
             with torch.no_grad():
                 before = vmap(loss, in_dims=(None, 0, 0))(theta, q_ids, q_labels).tolist()
         after, first = after.tolist(), first.tolist()
-        results = [TaskResult({}, a, a if cfg.order is None else b, None if cfg.order is None else f, d[2])
+        results = [TaskResult({}, a, a if cfg.order is None else b, None if cfg.order is None else f, d.tokens)
                    for a, b, f, d in zip(after, before, first, drawn)]
         return {k: g.float() for k, g in meta_grad.items()}, results
 
@@ -542,14 +672,13 @@ class MetaTrainer:
             for i, task in enumerate(tasks):
                 rng = random.Random(f"heldout:{seed}:{i}")
                 support, queries = sample_episode(task, rng, cfg.support_size, cfg.query_size, fmt, self.max_row)
-                q_ep = query_episode(support, queries, cfg.context_demos, rng)
-                eps = support_episodes(support, steps, cfg.support_batch, cfg.context_demos, rng)
+                d = Draw(support, *self.episodes(support, queries, steps, rng), 0)
                 with torch.no_grad():
-                    icl.append(icl_loss(lm, self.params, fmt, task.instruction, q_ep).item())
-                st = state.detached() if state is not None else None
-                new, _, _ = inner_loop(lm, {}, dict(self.params), fmt, task.instruction, eps, cfg.lr_inner, st, 0)
+                    icl.append(self.query_loss(task, self.params, d).item())
+                st = state.detached() if state is not None else AdamState()
+                new, _ = self.adapt(task, dict(self.params), d, 0, st)
                 with torch.no_grad():
-                    adapted.append(icl_loss(lm, new, fmt, task.instruction, q_ep).item())
+                    adapted.append(self.query_loss(task, new, d).item())
         return {"icl": sum(icl) / len(icl), "adapted": sum(adapted) / len(adapted)}
 
 
@@ -571,7 +700,8 @@ def _meta(cfg: MetaTrainConfig, lm: LM, source: TaskSource, status: str, step: i
         "hyperparameters": {
             "tasks_per_step": cfg.tasks_per_step, "inner_steps": cfg.inner_steps, "inner_lr": cfg.lr_inner,
             "outer_lr": cfg.lr_outer, "support_size": cfg.support_size, "support_batch": cfg.support_batch,
-            "query_size": cfg.query_size, "context_demos": cfg.context_demos, "max_grad_norm": cfg.max_grad_norm,
+            "query_size": cfg.query_size, "context_demos": cfg.context_demos, "inner_context": cfg.inner_context,
+            "max_grad_norm": cfg.max_grad_norm,
             "betas": list(cfg.betas), "context_tokens": cfg.context_tokens, "grad_checkpointing": cfg.grad_checkpointing,
             "prompt_format": cfg.prompt_format or get_settings().prompt_format,
         },
@@ -580,6 +710,19 @@ def _meta(cfg: MetaTrainConfig, lm: LM, source: TaskSource, status: str, step: i
         "config": cfg.model_dump(mode="json"),
         "history": history[-200:],
     }
+
+
+def resumed_config(cfg: MetaTrainConfig, meta: dict[str, Any]) -> MetaTrainConfig:
+    """The config a run resumed from a checkpoint continues with: the checkpoint's inner context
+    unless the caller names one, and then it must be the same (a resume continues the run it
+    resumes). A meta.json written before `inner_context` existed ran "sampled"."""
+    stored = (meta.get("config") or {}).get("inner_context", "sampled")
+    if "inner_context" in cfg.model_fields_set:
+        if cfg.inner_context != stored:
+            raise ValueError(f"checkpoint {cfg.resume} was meta-trained with inner_context {stored!r}, "
+                             f"not {cfg.inner_context!r}")
+        return cfg
+    return MetaTrainConfig.model_validate({**cfg.model_dump(exclude_unset=True), "inner_context": stored})
 
 
 def load_for_training(cfg: MetaTrainConfig) -> LM:
@@ -614,6 +757,7 @@ def meta_train(
     if cfg.resume:
         params, state, meta = checkpoints.load(reg, cfg.resume, lm.device)
         checkpoints.check_compatible(meta, lm)
+        cfg = resumed_config(cfg, meta)
         if (meta["method"], meta["space"]) != (cfg.method, cfg.space):
             raise ValueError(f"checkpoint {cfg.resume} is {meta['method']}/{meta['space']}, not {cfg.method}/{cfg.space}")
         params = {k: v.float() for k, v in params.items()}
@@ -691,6 +835,7 @@ def main(
     support_batch: int = 4,
     query_size: int = 4,
     context_demos: int = 4,
+    inner_context: str | None = None,
     shared_moments: bool | None = None,
     context_tokens: int = 256,
     grad_checkpointing: bool = False,
@@ -702,14 +847,20 @@ def main(
     device: str | None = None,
     data_dir: Path | None = None,
 ) -> None:
-    """Meta-train and print the checkpoint id (python -m model.meta_train --setting S --method maml --space lora)."""
+    """Meta-train and print the checkpoint id (python -m model.meta_train --setting S --method maml --space lora).
+
+    --method: maml | fomaml | reptile | metaicl; --inner-context: recipe | sampled (default: recipe for a new
+    run, the checkpoint's own for --resume)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # only when given: an unset inner_context lets a resumed run keep its checkpoint's (resumed_config)
+    extra = {"inner_context": inner_context} if inner_context is not None else {}
     cfg = MetaTrainConfig(
         method=method, space=space, setting=setting, base_model=model, steps=steps, tasks_per_step=tasks_per_step,
         inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, support_size=support_size,
         support_batch=support_batch, query_size=query_size, context_demos=context_demos,
         shared_moments=shared_moments, context_tokens=context_tokens, grad_checkpointing=grad_checkpointing,
         batch_tasks=batch_tasks, seed=seed, log_every=log_every, save_every=save_every, resume=resume, device=device, data_dir=data_dir,
+        **extra,
     )
     print(meta_train(cfg))
 

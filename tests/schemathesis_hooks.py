@@ -40,9 +40,14 @@ def _task(body: dict[str, Any]) -> dict[str, Any]:
 
 def _meta_train(body: dict[str, Any]) -> dict[str, Any]:
     hp = body.get("hyperparameters")
-    if isinstance(hp, dict) and hp.get("batch_tasks") and hp.get("grad_checkpointing"):
-        body = {**body, "hyperparameters": {**hp, "grad_checkpointing": False}}  # the config refuses the pair
-    return body
+    if not isinstance(hp, dict):
+        return body
+    hp = dict(hp)
+    if hp.get("batch_tasks"):  # the config refuses batching with grad_checkpointing, or in the prediction prompt
+        hp.update(grad_checkpointing=False, inner_context="sampled")
+    if body.get("method") == "reptile" and hp.get("shared_moments"):
+        hp["shared_moments"] = False  # the config refuses it: reptile's outer moments are not a gradient's
+    return {**body, "hyperparameters": hp}
 
 
 @schemathesis.hook

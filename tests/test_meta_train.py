@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import random
+from typing import get_args
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from model import checkpoints
-from model.adapt import AdamState
+from model.adapt import AdamState, episode_loss
 from model.meta_train import (
+    METHODS,
     MetaTrainConfig,
     MetaTrainer,
     grad_checkpointing,
@@ -17,6 +21,7 @@ from model.meta_train import (
     synthetic_source,
     training_mode,
 )
+from model.recipe import DEFAULT
 from tests.helpers import tiny_lm
 
 FAST = dict(setting="synthetic", support_size=6, support_batch=3, query_size=3, context_demos=3, context_tokens=128,
@@ -51,7 +56,7 @@ def test_meta_training_lowers_post_adaptation_query_loss(lm, source, tmp_path):
     assert after["icl"] < before["icl"] - 0.5
 
 
-@pytest.mark.parametrize("method,space", [("fomaml", "full"), ("metaicl", "full"), ("maml", "lora")])
+@pytest.mark.parametrize("method,space", [("fomaml", "full"), ("reptile", "full"), ("metaicl", "full"), ("maml", "lora")])
 def test_other_methods_lower_query_loss(lm, source, tmp_path, method, space):
     lrs = dict(inner_lr=1e-3, outer_lr=3e-3) if space == "full" else dict(inner_lr=1e-2, outer_lr=3e-2)
     c = cfg(tmp_path, method=method, space=space, steps=6, **lrs)
@@ -79,8 +84,10 @@ def test_shared_and_separate_moments_both_run_and_differ(lm, source, tmp_path):
     assert all(torch.isfinite(v).all() for p in out.values() for v in p.values())
 
 
-def _meta_grad(lm, source, tmp_path, order_method: str, space: str = "lora", ckpt: bool = False) -> torch.Tensor:
-    c = cfg(tmp_path, method=order_method, space=space, inner_steps=2, inner_lr=1e-2 if space == "lora" else 1e-3)
+def _meta_grad(lm, source, tmp_path, order_method: str, space: str = "lora", ckpt: bool = False,
+               context: str = "sampled") -> torch.Tensor:
+    c = cfg(tmp_path, method=order_method, space=space, inner_steps=2, inner_lr=1e-2 if space == "lora" else 1e-3,
+            inner_context=context)
     tr = MetaTrainer(c, lm, source)
     g = torch.Generator().manual_seed(0)
     theta = {k: (p + 0.05 * torch.randn(p.shape, generator=g) if ".lora_B." in k else p).requires_grad_()
@@ -111,10 +118,11 @@ def test_second_order_steps_are_not_swamped_by_zero_gradients(lm, source, tmp_pa
     assert all(n < 10 * max(norms["fomaml"]) for n in norms["maml"]), norms
 
 
-@pytest.mark.parametrize("method,space", [("maml", "lora"), ("maml", "full"), ("fomaml", "lora"), ("metaicl", "lora")])
+@pytest.mark.parametrize("method,space", [("maml", "lora"), ("maml", "full"), ("fomaml", "lora"), ("reptile", "lora"),
+                                          ("reptile", "full"), ("metaicl", "lora")])
 def test_batched_tasks_give_the_task_by_task_meta_gradient(lm, source, tmp_path, method, space):
     """vmap over the step's tasks: the same draws, losses and meta-gradient as the loop."""
-    c = cfg(tmp_path, method=method, space=space, tasks_per_step=3, inner_steps=2, inner_lr=1e-2)
+    c = cfg(tmp_path, method=method, space=space, tasks_per_step=3, inner_steps=2, inner_lr=1e-2, inner_context="sampled")
     tr = MetaTrainer(c, lm, source)
     g = torch.Generator().manual_seed(3)
     tr.params = {k: (p + 0.05 * torch.randn(p.shape, generator=g) if ".lora_B." in k else p) for k, p in tr.params.items()}
@@ -137,19 +145,39 @@ def test_batched_tasks_give_the_task_by_task_meta_gradient(lm, source, tmp_path,
 
 def test_batched_tasks_refuse_gradient_checkpointing(tmp_path):
     with pytest.raises(ValueError, match="batch_tasks and grad_checkpointing"):
-        cfg(tmp_path, batch_tasks=True, grad_checkpointing=True)
+        cfg(tmp_path, batch_tasks=True, grad_checkpointing=True, inner_context="sampled")
 
 
-def test_gradient_checkpointing_gives_the_same_second_order_gradient(lm, source, tmp_path):
-    plain = _meta_grad(lm, source, tmp_path, "maml", "lora")
-    ckpt = _meta_grad(lm, source, tmp_path, "maml", "lora", ckpt=True)
+def test_configs_that_cannot_run_are_refused(tmp_path):
+    with pytest.raises(ValidationError, match="batch_tasks needs inner_context 'sampled'"):
+        cfg(tmp_path, batch_tasks=True)  # the default context is the recipe's prediction prompt
+    with pytest.raises(ValidationError, match="reptile cannot share Adam moments"):
+        cfg(tmp_path, method="reptile", shared_moments=True)
+    assert cfg(tmp_path, batch_tasks=True, inner_context="sampled").batch_tasks
+    assert not cfg(tmp_path, method="reptile").shared and cfg(tmp_path, method="fomaml").shared
+
+
+def test_methods_are_listed_alike_everywhere():
+    from app.schemas import MetaTrainRequest
+
+    assert get_args(MetaTrainConfig.model_fields["method"].annotation) == METHODS
+    assert get_args(MetaTrainRequest.model_fields["method"].annotation) == METHODS
+    assert MetaTrainConfig().inner_context == "recipe"  # new runs train as test time adapts
+
+
+@pytest.mark.parametrize("context", ["sampled", "recipe"])
+def test_gradient_checkpointing_gives_the_same_second_order_gradient(lm, source, tmp_path, context):
+    # "recipe": the prompt's KV cache is appended to in the forward; the recomputation replays it as it was
+    plain = _meta_grad(lm, source, tmp_path, "maml", "lora", context=context)
+    ckpt = _meta_grad(lm, source, tmp_path, "maml", "lora", ckpt=True, context=context)
     torch.testing.assert_close(ckpt, plain, rtol=1e-5, atol=1e-7)
     # the patch is undone on exit: layers run their class's forward again
     assert all("forward" not in vars(m) for m in lm.model.modules())
 
 
-def test_resume_reproduces_the_uninterrupted_run(lm, source, tmp_path):
-    kw = dict(method="maml", steps=4, inner_lr=1e-2, outer_lr=1e-2)
+@pytest.mark.parametrize("method", ["maml", "reptile"])
+def test_resume_reproduces_the_uninterrupted_run(lm, source, tmp_path, method):
+    kw = dict(method=method, steps=4, inner_lr=1e-2, outer_lr=1e-2)
     straight = meta_train(cfg(tmp_path, **kw), lm=lm, source=source)
     half = meta_train(cfg(tmp_path, **{**kw, "steps": 2}), lm=lm, source=source)
     resumed = meta_train(cfg(tmp_path, **kw, resume=half), lm=lm, source=source)
@@ -204,3 +232,100 @@ def test_checkpoint_metadata_and_registry(lm, source, tmp_path):
         checkpoints.read_meta(tmp_path, "../../etc")
     with pytest.raises(ValueError):  # resuming into another method
         meta_train(cfg(tmp_path, method="fomaml", steps=2, resume=a), lm=lm, source=source)
+
+
+# --------------------------------------------------------------------------- reptile
+@pytest.mark.parametrize("space", ["lora", "full"])
+@pytest.mark.parametrize("context", ["recipe", "sampled"])
+def test_reptile_moves_theta_toward_the_adapted_weights(lm, source, tmp_path, space, context):
+    """One outer step with one task: θ_new - θ points along θ' - θ (Adam's first step from empty
+    moments is ~lr·sign of the pseudo-gradient, so elementwise, wherever θ' moved)."""
+    c = cfg(tmp_path, method="reptile", space=space, tasks_per_step=1, inner_steps=2, max_grad_norm=None,
+            inner_lr=1e-2 if space == "lora" else 1e-3, outer_lr=1e-3, inner_context=context)
+    tr = MetaTrainer(c, lm, source)
+    theta = {k: p.clone() for k, p in tr.params.items()}
+    rng = tr.rng(0)  # the step's own draws
+    task = tr.tasks[rng.randrange(len(tr.tasks))]
+    with training_mode(lm, c.order, False):
+        r = tr.task_step(task, {k: p.requires_grad_() for k, p in dict(theta).items()}, rng, False)
+    toward = torch.cat([-r.grads[k].flatten() for k in theta])  # θ' - θ
+    m = tr.step()
+    moved = torch.cat([(tr.params[k] - theta[k]).flatten() for k in theta])
+    assert toward.norm() > 0 and m["query_loss"] == r.query_after and m["support_loss"] == r.support_loss
+    assert torch.dot(moved, toward) > 0
+    nz = toward != 0
+    assert torch.equal(torch.sign(moved[nz]), torch.sign(toward[nz])) and not moved[~nz].any()
+
+
+def test_reptile_lowers_the_meta_train_query_loss(lm, source, tmp_path):
+    # the same fixed tasks and episodes before and after (the step-0 draws), full space
+    c = cfg(tmp_path, method="reptile", space="full", steps=6, inner_steps=3, inner_lr=1e-3, outer_lr=3e-3)
+    tr = MetaTrainer(c, lm, source)
+
+    def query_loss() -> float:
+        rng = tr.rng(0)
+        with torch.no_grad():
+            return sum(tr.query_loss(t, tr.params, tr.draw(t, rng)).item() for t in tr.tasks[:4]) / 4
+
+    before = query_loss()
+    for _ in range(c.steps):
+        tr.step()
+    assert query_loss() < before - 0.1
+
+
+# --------------------------------------------------------------------------- inner context
+@pytest.mark.parametrize("method", ["maml", "fomaml", "reptile", "metaicl"])
+def test_the_recipe_context_is_the_test_time_inner_loop(lm, source, tmp_path, method):
+    """inner_context "recipe": the support loss the inner loop reports is the recipe's
+    `episode_loss` at θ on the first support batch trained in the prediction prompt (the
+    support set), and the query loss is scored in that same prompt; the meta-gradient is real."""
+    c = cfg(tmp_path, method=method, inner_steps=2, inner_lr=1e-2)
+    assert c.inner_context == "recipe"
+    tr = MetaTrainer(c, lm, source)
+    g = torch.Generator().manual_seed(0)
+    theta = {k: (p + 0.05 * torch.randn(p.shape, generator=g) if ".lora_B." in k else p).requires_grad_()
+             for k, p in tr.params.items()}  # B != 0, so that A gets gradients too
+    task = source.meta_train[0]
+    with training_mode(lm, c.order, False):
+        r = tr.task_step(task, theta, random.Random(7), track_before=True)
+        d = tr.draw(task, random.Random(7))
+        with torch.no_grad():
+            in_prompt = dict(options=task.options, loss=DEFAULT.loss, length_norm=DEFAULT.length_norm, prompt=d.support)
+            query = episode_loss(lm, theta, tr.fmt, task.instruction, d.query, **in_prompt).item()
+            first = (episode_loss(lm, theta, tr.fmt, task.instruction, d.episodes[0], **in_prompt,
+                                  prompt_grad=DEFAULT.prompt_grad).item() if d.episodes else None)
+    # every training query is a support example (its own copy masked there), with no context of its own
+    assert all(ctx == [] and any(q is s for s in d.support) for ep in d.episodes for ctx, q in ep)
+    assert all(ctx == [] for ctx, _ in d.query) and len(d.episodes) == (0 if method == "metaicl" else 2)
+    assert r.query_before == pytest.approx(query, abs=1e-6)
+    if method != "metaicl":
+        assert r.support_loss == pytest.approx(first, abs=1e-6)
+        assert r.query_after < r.query_before  # two inner steps on this task's support set
+    flat = torch.cat([r.grads[k].flatten() for k in theta])
+    assert torch.isfinite(flat).all() and flat.norm() > 0
+
+
+@pytest.mark.parametrize("space", ["lora", "full"])
+def test_second_order_through_the_prompt_differs_from_first_order(lm, source, tmp_path, space):
+    g2 = _meta_grad(lm, source, tmp_path, "maml", space, context="recipe")
+    g1 = _meta_grad(lm, source, tmp_path, "fomaml", space, context="recipe")
+    assert torch.isfinite(g2).all() and g2.norm() > 0
+    assert ((g2 - g1).norm() / g1.norm()).item() > 1e-3
+
+
+def test_a_checkpoint_from_before_inner_context_resumes_with_sampled_contexts(lm, source, tmp_path):
+    kw = dict(method="fomaml", steps=4, inner_lr=1e-2, outer_lr=1e-2)
+    straight = meta_train(cfg(tmp_path, **kw, inner_context="sampled"), lm=lm, source=source)
+    half = meta_train(cfg(tmp_path, **{**kw, "steps": 2}, inner_context="sampled"), lm=lm, source=source)
+    path = tmp_path / "checkpoints" / half / "meta.json"  # written as runs before the field wrote it
+    meta = json.loads(path.read_text())
+    del meta["config"]["inner_context"], meta["hyperparameters"]["inner_context"]
+    path.write_text(json.dumps(meta))
+
+    with pytest.raises(ValueError, match="inner_context 'sampled', not 'recipe'"):
+        meta_train(cfg(tmp_path, **kw, inner_context="recipe", resume=half), lm=lm, source=source)
+    resumed = meta_train(cfg(tmp_path, **kw, resume=half), lm=lm, source=source)  # no inner_context given
+    assert checkpoints.read_meta(tmp_path, resumed)["config"]["inner_context"] == "sampled"
+    p1, _, _ = checkpoints.load(tmp_path, straight)
+    p2, _, _ = checkpoints.load(tmp_path, resumed)
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)  # the old run, continued as it ran

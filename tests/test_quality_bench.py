@@ -23,8 +23,9 @@ def quality(data_dir: Path, out: Path, *extra: str) -> dict:
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     fresh = quality(tmp_path / "a", tmp_path / "a" / "out")
-    assert set(fresh["results"]) == {"maml", "fomaml", "metaicl", "base"}
-    assert {"maml/icl-metaicl/icl", "maml/adapted-metaicl/adapted (gold_prob)"} <= set(fresh["margins"])
+    assert set(fresh["results"]) == {"maml", "fomaml", "reptile", "metaicl", "base"}
+    assert {"maml/icl-metaicl/icl", "maml/adapted-metaicl/adapted (gold_prob)",
+            "reptile/adapted-fomaml/adapted"} <= set(fresh["margins"])
     for r in fresh["results"].values():
         assert 0 <= r["icl"] <= 100 and 0 <= r["adapted_gold_prob"] <= 100
 
@@ -32,7 +33,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     quality(tmp_path / "b", tmp_path / "b" / "out", "--steps", "3")
     resumed = quality(tmp_path / "b", tmp_path / "b" / "out")
     assert resumed["results"] == fresh["results"] and resumed["margins"] == fresh["margins"]
-    for method in ("maml", "fomaml", "metaicl"):
+    for method in ("maml", "fomaml", "reptile", "metaicl"):
         runs = [m for m in checkpoints.list_checkpoints(tmp_path / "b") if m["method"] == method]
         assert [m["step"] for m in runs] == [3, 6] and runs[1]["parent"] == runs[0]["id"]
         a = checkpoints.load(tmp_path / "a", [m for m in checkpoints.list_checkpoints(tmp_path / "a")
@@ -43,4 +44,4 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     # a finished run, run again, trains and scores nothing more
     again = quality(tmp_path / "b", tmp_path / "b" / "out")
     assert again["results"] == fresh["results"]
-    assert len(checkpoints.list_checkpoints(tmp_path / "b")) == 6
+    assert len(checkpoints.list_checkpoints(tmp_path / "b")) == 8
