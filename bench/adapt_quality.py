@@ -18,7 +18,9 @@ fewer). Every variant sees exactly the same demonstrations and queries:
                   scored by mean log-likelihood per token with no demonstrations in context (its
                   adapter loaded into our scorer: the same numbers PeftModel gives, faster)
     tfidf_lr      scikit-learn TF-IDF (word 1-2 grams + char 2-5 grams) + logistic regression
-    <name>        any recipe given with --recipe NAME='{"loss": "lm", ...}' (overrides of DEFAULT)
+    <name>        any recipe given with --recipe NAME='{"loss": "lm", ...}' (overrides of DEFAULT); "mode":
+                  "full" adapts the full weights, "checkpoint": ID starts from a meta-trained
+                  checkpoint of the data dir's registry (its inner lr unless "lr" is given)
 
 Metrics per variant: macro-F1 and accuracy (0-100), the collapse figures (share of the gold
 labels predicted at least once; share of predictions taken by the most-predicted label), the
@@ -49,6 +51,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,24 +113,48 @@ def load_tasks(subset: str, data_dir: Path) -> list:
 
 
 # --------------------------------------------------------------------------- variants
+@dataclass
+class Start:
+    """A meta-trained checkpoint to start from: its parameters (LoRA init or full weights), its
+    Adam moments when it shares them, and the inner lr it was meta-trained with."""
+
+    ckpt_id: str
+    params: dict
+    state: Any
+    lr: float | None
+
+
+def load_start(data_dir: Path, ckpt_id: str, lm: LM) -> Start:
+    from model import checkpoints
+
+    params, state, meta = checkpoints.load(data_dir, ckpt_id, lm.device, lm.dtype)
+    checkpoints.check_compatible(meta, lm)
+    return Start(ckpt_id, params, state if meta.get("shared_moments") else None, checkpoints.inner_lr(meta, meta["space"]))
+
+
 def run_llm(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], recipe: Recipe, seed: int,
-            mode: str = "lora", untrained: dict | None = None) -> dict[str, Any]:
+            mode: str = "lora", untrained: dict | None = None, start: Start | None = None) -> dict[str, Any]:
     """Adapt with the recipe (when it trains) and predict; raw scores kept for the calibration analysis.
 
     `untrained` memoises the raw scores of recipes that train nothing, per prompt (in-context
     prediction with and without calibration scores the same prompts): the second one reuses them
-    and is charged the first one's prediction seconds."""
+    and is charged the first one's prediction seconds. `start`: begin from a meta-trained
+    checkpoint (as the service does with an active one), in context too."""
     t0 = time.perf_counter()
-    params, prior, epochs = None, None, 0.0
-    if recipe.epochs > 0:
-        a = adapt(lm, task, recipe, mode, seed=seed, fmt=fmt)
-        params, prior, epochs = a.params, a.prior, a.epochs
+    params, prior, epochs = (start.params if start else None), None, 0.0
+    if recipe.epochs > 0:  # (min_demos may still make it 0 steps: then the weights are the start's)
+        if start and start.lr and recipe.lr is None:  # the checkpoint's own inner lr, as the service uses it
+            recipe = recipe.but(lr=start.lr)
+        a = adapt(lm, task, recipe, mode, start=start.params if start else None, state=start.state if start else None,
+                  seed=seed, fmt=fmt)
+        params, prior, epochs = {**(start.params if start else {}), **a.params}, a.prior, a.epochs
     elif recipe.calibrate:
         from model.scoring import option_prior
 
-        prior = option_prior(lm, task, None, recipe, fmt)
+        prior = option_prior(lm, task, params, recipe, fmt)
     t1 = time.perf_counter()
-    memo = (recipe.predict_demos, recipe.length_norm) if params is None and untrained is not None else None
+    trained = recipe.epochs > 0
+    memo = None if trained or untrained is None else (recipe.predict_demos, recipe.length_norm, start and start.ckpt_id)
     if memo in (untrained or {}):
         raw, predict_s = untrained[memo]
     else:
@@ -264,7 +291,8 @@ def markdown(summary: dict[str, Any], k: int, subset: str, seeds: Sequence[int],
 
 
 # --------------------------------------------------------------------------- main
-def config_key(name: str, recipe: Recipe | None, lora: LoraSpec, mode: str = "lora", k: int = 16) -> str:
+def config_key(name: str, recipe: Recipe | None, lora: LoraSpec, mode: str = "lora", k: int = 16,
+               ckpt_id: str | None = None) -> str:
     """What a journaled result depends on. `min_demos` counts only where it changes the steps
     at this k (so results from before it existed still match)."""
     fields = recipe.to_dict() if recipe else None
@@ -272,7 +300,8 @@ def config_key(name: str, recipe: Recipe | None, lora: LoraSpec, mode: str = "lo
         del fields["min_demos"]
     body = json.dumps({"name": name, "recipe": fields, "peer": PEER if name == "peft_trainer" else None}
                       | ({"lora": lora.__dict__} if recipe and recipe.epochs and lora != LoraSpec() and mode == "lora" else {})
-                      | ({"mode": mode} if mode != "lora" else {}), sort_keys=True)
+                      | ({"mode": mode} if mode != "lora" else {}) | ({"checkpoint": ckpt_id} if ckpt_id else {}),
+                      sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
@@ -286,6 +315,7 @@ def main() -> None:
     ap.add_argument("--variants", default="icl,default,peft_trainer,tfidf_lr")
     ap.add_argument("--recipe", action="append", default=[], help="NAME=JSON: a recipe variant (overrides of DEFAULT)")
     ap.add_argument("--tasks", default=None, help="comma-separated task names to keep (of the subset)")
+    ap.add_argument("--against", default=None, help="also compare every variant with this one (paired margins)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--data-dir", type=Path, default=None)
     args = ap.parse_args()
@@ -297,10 +327,13 @@ def main() -> None:
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(SEEDS[:2] if args.quick else SEEDS)
     recipes: dict[str, Recipe] = {"icl": ICL, "default": DEFAULT}
     modes: dict[str, str] = {}
+    starts: dict[str, str] = {}  # variant -> checkpoint id
     for spec in args.recipe:
         name, _, body = spec.partition("=")
         fields = json.loads(body)
         modes[name] = fields.pop("mode", "lora")
+        if "checkpoint" in fields:
+            starts[name] = fields.pop("checkpoint")
         recipes[name] = DEFAULT.but(**fields)
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in recipes and v not in ("peft_trainer", "tfidf_lr")]
@@ -320,6 +353,7 @@ def main() -> None:
 
     lm = load_lm(s.base_model, data_dir, "cpu", LoraSpec.of(s))
     fmt = Formatter(lm.encode, s.prompt_format, s.context_tokens)
+    loaded = {c: load_start(data_dir, c, lm) for c in set(starts.values())}
     tasks = load_tasks(subset, data_dir)
     if args.tasks:
         keep = set(args.tasks.split(","))
@@ -335,18 +369,20 @@ def main() -> None:
             untrained: dict = {}  # this task and seed's raw scores of recipes that train nothing
             for v in variants:
                 recipe = recipes.get(v)
-                key = f"{v}|{config_key(v, recipe, lm.lora, modes.get(v, 'lora'), args.k)}|{bt.name}|{args.k}|{seed}|{len(queries)}"
+                key = f"{v}|{config_key(v, recipe, lm.lora, modes.get(v, 'lora'), args.k, starts.get(v))}|{bt.name}|{args.k}|{seed}|{len(queries)}"
                 if key not in known:
                     if v == "tfidf_lr":
                         r = run_tfidf(task, queries, seed)
                     elif v == "peft_trainer":
                         r = run_peft(lm, fmt, task, queries, seed)
                     else:
-                        r = run_llm(lm, fmt, task, queries, recipe, seed, modes.get(v, "lora"), untrained)
+                        r = run_llm(lm, fmt, task, queries, recipe, seed, modes.get(v, "lora"), untrained,
+                                    loaded.get(starts.get(v)))
                     r["metrics"] = metrics(task.options, r["raw"], golds, r["prior"], v != "tfidf_lr")
                     r["key"] = key
                     r["config"] = {"recipe": recipe.to_dict() if recipe else None, "lora": lm.lora.__dict__ if recipe else None,
-                                   "peer": PEER if v == "peft_trainer" else None, "mode": modes.get(v, "lora")}
+                                   "peer": PEER if v == "peft_trainer" else None, "mode": modes.get(v, "lora"),
+                                   "checkpoint": starts.get(v)}
                     r.pop("raw")
                     with open(journal, "a") as f:
                         f.write(json.dumps(r) + "\n")
@@ -358,7 +394,8 @@ def main() -> None:
                 entries[v].setdefault(bt.name, []).append(known[key])
     summary = summarise(entries)
     base = "icl" if "icl" in summary else None
-    pairs = [(v, w) for v in summary for w in summary if v != w and (w == base or (v == "default" and w != base))]
+    pairs = [(v, w) for v in summary for w in summary
+             if v != w and (w in (base, args.against) or (v == "default" and w != base))]
     result = {"k": args.k, "subset": subset, "seeds": seeds, "n_test": args.n_test, "tasks": [t.name for t in tasks],
               "recipes": {v: recipes[v].to_dict() for v in variants if v in recipes},
               "results": {v: {k: r[k] for k in r if k not in ("per_seed",)} for v, r in summary.items()},

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,11 @@ def inner_lr(meta: Mapping[str, Any], mode: str) -> float | None:
     return float(lr) if lr and meta.get("space") == mode else None
 
 
+def lora_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """The layers a LoRA sits on, as absolute indices (None: every layer)."""
+    return sorted({i % n_layers for i in layers}) if layers is not None else list(range(n_layers))
+
+
 def check_compatible(meta: Mapping[str, Any], lm: LM) -> None:
     """A checkpoint only makes sense on the base model (and LoRA layout) it was trained on."""
     base = meta.get("base_model", {})
@@ -182,9 +187,12 @@ def check_compatible(meta: Mapping[str, Any], lm: LM) -> None:
         )
     if meta.get("space") == "lora":
         lora = meta.get("lora", {})
-        if lora and (lora.get("r") != lm.lora.r or list(lora.get("targets", [])) != list(lm.lora.targets)):
-            raise CheckpointError(f"checkpoint {meta.get('id')} has LoRA r={lora.get('r')} on {lora.get('targets')}; "
-                                  f"the model has r={lm.lora.r} on {list(lm.lora.targets)}")
+        theirs = lora_layers(lora.get("layers"), lm.n_layers)  # checkpoints from before the field: every layer
+        mine = lora_layers(lm.lora.layers, lm.n_layers)
+        if lora and (lora.get("r") != lm.lora.r or list(lora.get("targets", [])) != list(lm.lora.targets) or theirs != mine):
+            raise CheckpointError(f"checkpoint {meta.get('id')} has LoRA r={lora.get('r')} on {lora.get('targets')} "
+                                  f"in layers {theirs}; the model has r={lm.lora.r} on {list(lm.lora.targets)} "
+                                  f"in layers {mine}")
 
 
 def main(data_dir: Path | None = None) -> None:

@@ -706,7 +706,8 @@ def _meta(cfg: MetaTrainConfig, lm: LM, source: TaskSource, status: str, step: i
             "prompt_format": cfg.prompt_format or get_settings().prompt_format,
         },
         "base_model": {"name": lm.name, "sha256": lm.sha256},
-        "lora": {"r": lm.lora.r, "alpha": lm.lora.alpha, "targets": list(lm.lora.targets)},
+        "lora": {"r": lm.lora.r, "alpha": lm.lora.alpha, "targets": list(lm.lora.targets),
+                 "layers": checkpoints.lora_layers(lm.lora.layers, lm.n_layers)},
         "config": cfg.model_dump(mode="json"),
         "history": history[-200:],
     }

@@ -228,6 +228,13 @@ def test_checkpoint_metadata_and_registry(lm, source, tmp_path):
     checkpoints.check_compatible(meta, lm)
     with pytest.raises(checkpoints.CheckpointError):
         checkpoints.check_compatible({**meta, "base_model": {"name": "x", "sha256": "0" * 64}}, lm)
+    lora_meta = checkpoints.read_meta(tmp_path, a)
+    assert lora_meta["lora"]["layers"] == list(range(lm.n_layers))
+    checkpoints.check_compatible(lora_meta, lm)
+    old = {**lora_meta, "lora": {k: v for k, v in lora_meta["lora"].items() if k != "layers"}}
+    checkpoints.check_compatible(old, lm)  # from before the field: every layer, as this model
+    with pytest.raises(checkpoints.CheckpointError, match="in layers"):  # a LoRA on other layers than the model's
+        checkpoints.check_compatible({**lora_meta, "lora": {**lora_meta["lora"], "layers": [lm.n_layers - 1]}}, lm)
     with pytest.raises(checkpoints.CheckpointError):
         checkpoints.read_meta(tmp_path, "../../etc")
     with pytest.raises(ValueError):  # resuming into another method
