@@ -16,7 +16,7 @@ fewer). Every variant sees exactly the same demonstrations and queries:
                   causal-LM loss on the output tokens of "input\\noutput" (no demonstrations in
                   context), AdamW lr 1e-3 with linear decay, batch 4, 10 epochs; its options are then
                   scored by mean log-likelihood per token with no demonstrations in context (its
-                  adapter loaded into our scorer: the same numbers PeftModel gives, faster)
+                  adapter merged into the weights our scorer reads: PeftModel's function, faster)
     tfidf_lr      scikit-learn TF-IDF (word 1-2 grams + char 2-5 grams) + logistic regression
     <name>        any recipe given with --recipe NAME='{"loss": "lm", ...}' (overrides of DEFAULT); "mode":
                   "full" adapts the full weights, "checkpoint": ID starts from a meta-trained
@@ -194,14 +194,27 @@ def run_peft(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], see
             logging_strategy="no", save_strategy="no", report_to=[], seed=seed, use_cpu=True,
             disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False)
         Trainer(model=model, args=args, train_dataset=rows, data_collator=collate).train()
-    lora = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
-    assert set(lora) == set(lm.lora_names), "the peer's LoRA must sit where our scorer's does"
     t1 = time.perf_counter()
     recipe = ICL.but(predict_demos=0)
-    raw = predict(lm, task, queries, lora, recipe, None, fmt)
+    raw = predict(lm, task, queries, merged(lm, model), recipe, None, fmt)
     t2 = time.perf_counter()
     return {"raw": [[p.scores[o] for o in task.options] for p in raw], "prior": None, "epochs": PEER["epochs"],
             "adapt_s": t1 - t0, "predict_s": t2 - t1}
+
+
+def merged(lm: LM, peer: Any) -> dict[str, torch.Tensor]:
+    """The peer's adapter merged into the weights it adapts (W + alpha/r B A), as overrides our
+    scorer takes whatever layers its own LoRA sits on: the function PeftModel computes."""
+    own = dict(lm.model.named_parameters())
+    mine = dict(peer.named_parameters())
+    out = {}
+    for n, a in mine.items():
+        if ".lora_A." in n:
+            module = n.split(".lora_A.")[0]
+            b = mine[n.replace(".lora_A.", ".lora_B.")]
+            w = f"{module}.base_layer.weight" if f"{module}.base_layer.weight" in own else f"{module}.weight"
+            out[w] = (own[w] + PEER["alpha"] / PEER["r"] * b @ a).detach()
+    return out
 
 
 def run_tfidf(task: Task, queries: Sequence[Example], seed: int) -> dict[str, Any]:

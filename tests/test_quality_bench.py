@@ -45,3 +45,31 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     again = quality(tmp_path / "b", tmp_path / "b" / "out")
     assert again["results"] == fresh["results"]
     assert len(checkpoints.list_checkpoints(tmp_path / "b")) == 8
+
+
+def test_the_adapt_quality_peer_scores_as_its_peft_model_does():
+    """bench/adapt_quality.py scores the PEFT peer by merging its adapter into the weights our
+    scorer reads: the logits must be PeftModel's, even where our own LoRA sits on fewer layers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    sys.path.insert(0, str(ROOT))
+    from bench.adapt_quality import PEER, merged
+    from helpers import tiny_lm
+    from model.lm import LoraSpec
+    from model.tiny import tiny_model
+
+    ours = tiny_lm(lora=LoraSpec(layers=(-1,)))  # LoRA on the top layer only
+    peer = get_peft_model(tiny_model(), LoraConfig(r=PEER["r"], lora_alpha=PEER["alpha"],
+                                                   target_modules=list(PEER["targets"]), task_type="CAUSAL_LM")).eval()
+    with torch.no_grad():
+        for n, p in peer.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.1)  # a trained adapter: B no longer zero
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        want = peer(input_ids=ids).logits
+        got = ours(merged(ours, peer), input_ids=ids).logits
+        plain = ours(None, input_ids=ids).logits
+    assert (want - plain).abs().max() > 1e-3  # the adapter changes the outputs
+    assert torch.allclose(got, want, atol=1e-5)
