@@ -309,10 +309,11 @@ def config_key(name: str, recipe: Recipe | None, lora: LoraSpec, mode: str = "lo
     """What a journaled result depends on. `min_demos` counts only where it changes the steps
     at this k (so results from before it existed still match)."""
     fields = recipe.to_dict() if recipe else None
+    every_layer = LoraSpec(8, 16, ("q_proj", "v_proj"), None)  # the layout of the first runs: their keys name none
     if fields and (k >= recipe.min_demos or not recipe.epochs):
         del fields["min_demos"]
     body = json.dumps({"name": name, "recipe": fields, "peer": PEER if name == "peft_trainer" else None}
-                      | ({"lora": lora.__dict__} if recipe and recipe.epochs and lora != LoraSpec() and mode == "lora" else {})
+                      | ({"lora": lora.__dict__} if recipe and recipe.epochs and lora != every_layer and mode == "lora" else {})
                       | ({"mode": mode} if mode != "lora" else {}) | ({"checkpoint": ckpt_id} if ckpt_id else {}),
                       sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:12]

@@ -3,8 +3,13 @@ recipe search. Rows are compared with in-context prediction on the same tasks an
 journal's `icl` entries), so configurations run on different task subsets stay comparable.
 
     python bench/recipe_table.py bench/results/search-k16/journal.jsonl > bench/results/recipes-k16.md
+    python bench/recipe_table.py --against 'default|f4a93b2768d2' bench/results/report-k16/journal.jsonl
 
-The last line printed is JSON: {"rows": N, "best": {...}}.
+`--against CONFIG` (a row's "variant|hash", or a variant name when one row has it) adds each
+row's paired macro-F1 difference from that configuration, over the tasks and seeds both ran,
+with a 95% bootstrap interval over tasks (`model.evaluate.paired`): how configurations run in
+different processes (another LoRA layout, another code version) are compared.
+The last line printed is JSON: {"rows": N, "best": {...}, "against": {...}}.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.recipe import DEFAULT  # noqa: E402
+from model.evaluate import paired  # noqa: E402
+from model.recipe import DEFAULT, LORA_LAYERS  # noqa: E402
 
 
 def load(path: Path) -> list[dict]:
@@ -43,14 +49,31 @@ def describe(config: dict | None) -> str:
         recipe = {**recipe, "lr": base["lr"]}  # the default's lr, written out
     parts = [f"{k}={v}" for k, v in recipe.items() if base.get(k) != v]
     lora = config.get("lora") or {}
-    if lora and (lora.get("layers") or lora.get("targets") != ["q_proj", "v_proj"] and lora.get("targets") != ("q_proj", "v_proj")
-                 or lora.get("r") != 8):
-        parts.append(f"lora r={lora.get('r')} targets={','.join(lora.get('targets') or [])} layers={lora.get('layers')}")
+    layers = lora.get("layers")
+    if lora and recipe.get("epochs") and (list(layers or []) != list(LORA_LAYERS or []) or list(lora.get("targets") or [])
+                                          != ["q_proj", "v_proj"] or lora.get("r") != 8):
+        where = "every layer" if layers is None else f"layers {list(layers)}"
+        parts.append(f"lora r={lora.get('r')} on {','.join(lora.get('targets') or [])}, {where}")
     return ", ".join(parts) or "(the default)"
 
 
+def versus(a: list[dict], b: list[dict]) -> dict:
+    """Paired macro-F1 of runs a minus runs b over the (task, seed)s both have."""
+    scores = [{(e["_ts"][0], e["_ts"][2]): e["metrics"]["macro_f1"] for e in es} for es in (a, b)]
+    common = sorted(set(scores[0]) & set(scores[1]))
+    per = [{}, {}]
+    for task, seed in common:
+        for side, sc in zip(per, scores):
+            side.setdefault(task, []).append(sc[(task, seed)])
+    return paired({"results": {"a": {"per_seed": per[0]}, "b": {"per_seed": per[1]}}}, "a", "b")
+
+
 def main() -> None:
-    entries = [e for p in sys.argv[1:] for e in load(Path(p))]
+    args = sys.argv[1:]
+    against = None
+    if args[:1] == ["--against"]:
+        against, args = args[1], args[2:]
+    entries = [e for p in args for e in load(Path(p))]
     icl = {}
     groups: dict[str, list[dict]] = defaultdict(list)
     for e in entries:
@@ -72,17 +95,32 @@ def main() -> None:
             "what": describe(es[-1].get("config")),
         })
     rows.sort(key=lambda r: (r["k"], -(r["vs_icl"] if r["vs_icl"] is not None else -1e9)))
-    print("| configuration | k | task-seeds (tasks) | macro-F1 | vs in-context, same runs | top label % | s/task | what differs from the default |")
-    print("|---|---|---|---|---|---|---|---|")
+    ref = None
+    if against:
+        found = [g for g in groups if g.startswith(against + "|") or g.rsplit("|", 1)[0] == against]
+        if len(found) != 1:
+            sys.exit(f"--against {against!r} matches {len(found)} configurations: {found}")
+        ref = found[0]
+        for r in rows:
+            r["vs_against"] = versus(groups[r["config"]], groups[ref])
+    extra = f" vs {ref.split('|')[0]} (paired, 95% interval) |" if ref else ""
+    print(f"| configuration | k | task-seeds (tasks) | macro-F1 | vs in-context, same runs |{extra} top label % | s/task "
+          "| what differs from the default |")
+    print("|---|---|---|---|---|" + ("---|" if ref else "") + "---|---|---|")
     for r in rows:
         vs = "-" if r["vs_icl"] is None else f"{r['vs_icl']:+.1f}"
-        print(f"| {r['config'].split('|')[0]} | {r['k']} | {r['runs']} ({r['tasks']}) | {r['macro_f1']:.1f} | {vs} | {r['top_label']:.0f} "
-              f"| {r['seconds']:.0f} | {r['what']} |")
+        cmp = ""
+        if ref:
+            v = r["vs_against"]
+            cmp = " - |" if v["diff"] is None else f" {v['diff']:+.1f} [{v['ci95'][0]:+.1f}, {v['ci95'][1]:+.1f}] ({v['tasks']} tasks) |"
+        print(f"| {r['config'].split('|')[0]} | {r['k']} | {r['runs']} ({r['tasks']}) | {r['macro_f1']:.1f} | {vs} |{cmp} "
+              f"{r['top_label']:.0f} | {r['seconds']:.0f} | {r['what']} |")
     # the best of the configurations run on at least half the tasks any configuration ran on
     most = max((r["tasks"] for r in rows), default=0)
     best = max((r for r in rows if r["vs_icl"] is not None and not r["config"].startswith("icl|") and 2 * r["tasks"] >= most),
                key=lambda r: r["vs_icl"], default=None)
-    print(json.dumps({"rows": len(rows), "best": best}))
+    print(json.dumps({"rows": len(rows), "best": {k: v for k, v in best.items() if k != "vs_against"} if best else None,
+                      "against": {r["config"]: r["vs_against"] for r in rows} if ref else None}))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 from torch.func import functional_call
 
+from model.recipe import LORA_LAYERS
+
 Params = dict[str, Tensor]
 ADAPTER = "default"
 
@@ -31,7 +33,7 @@ class LoraSpec:
     r: int = 8
     alpha: int = 16
     targets: tuple[str, ...] = ("q_proj", "v_proj")
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = LORA_LAYERS
 
     @classmethod
     def of(cls, s) -> LoraSpec:

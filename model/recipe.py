@@ -17,6 +17,10 @@ from typing import Any, Literal
 Loss = Literal["lm", "options", "mix"]
 SPACES = ("lora", "full")
 LR = {"lora": 3e-3, "full": 1e-5}  # Adam's lr per space when a recipe gives none (lora: bench/results/search-k16)
+# Where the LoRA sits unless configured otherwise (negative indices count from the top; None: every
+# layer). Not a Recipe field: the layout is fixed when the model loads, and a checkpoint's must
+# match it. The frozen layers below run once per adaptation, not once per step (model.scoring.Lower).
+LORA_LAYERS: tuple[int, ...] | None = tuple(range(-15, 0))
 
 
 @dataclass(frozen=True)
@@ -50,16 +54,21 @@ class Recipe:
     """
 
     # The defaults are the recipe chosen on the search subset of bench/adapt_tasks.json at k=16
-    # (bench/results/search-k16): train in the prediction prompt itself with the LM loss, then
-    # predict with every demonstration in context and calibrated scores. There, the option loss
-    # tied at ~1.5x the cost, lr 1e-2 lost to 3e-3, LoRA on the top 8 layers lost, gradients
-    # through the prompt bought nothing; 4 sampled context demonstrations ran on 3 tasks only.
+    # (bench/results/search-k16, bench/results/recipes-k16.md): train in the prediction prompt
+    # itself with the LM loss, then predict with every demonstration in context and calibrated
+    # scores. There, the option loss tied at ~1.5x the cost, lr 1e-2 lost to 3e-3, and 4 sampled
+    # context demonstrations ran on 3 tasks only. With the LoRA on the top 15 of 30 layers
+    # (`LORA_LAYERS`) and gradients through the prompt it tied the every-layer recipe without
+    # them (macro-F1 -1.9, interval [-5.1, +2.1], search; +0.2 [-2.9, +3.2], report subset) at
+    # 0.78x its time (bench/throughput.py); top 15 without prompt gradients lost (-4.3 on 3
+    # tasks), and so did 4 epochs on top of it (-3.9). 4 epochs on every layer: -0.8 [-3.6, +2.3]
+    # on the search subset, not yet run on the report subset.
     loss: Loss = "lm"
     epochs: float = 8.0
     batch_size: int = 8
     lr: float | None = None
     context_demos: int | None = None
-    prompt_grad: bool = False
+    prompt_grad: bool = True
     predict_demos: int | None = None
     length_norm: bool = True
     calibrate: bool = True

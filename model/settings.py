@@ -11,6 +11,8 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.recipe import LORA_LAYERS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAMLSERVE_", env_file=".env", extra="ignore")
@@ -43,7 +45,8 @@ class Settings(BaseSettings):
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = ["q_proj", "v_proj"]
-    lora_layers: list[int] | None = None  # None: every layer; negative indices count from the top
+    # None: every layer; negative indices count from the top (default: model.recipe.LORA_LAYERS)
+    lora_layers: list[int] | None = None if LORA_LAYERS is None else list(LORA_LAYERS)
 
     # --- test-time adaptation: the recipe is model.recipe.DEFAULT; operators may override its
     # fields here, as JSON (MAMLSERVE_ADAPT_RECIPE='{"epochs": 4}'); requests override both
