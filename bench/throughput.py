@@ -31,7 +31,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -150,25 +149,15 @@ def main() -> None:
 
     bt = bank.task("rotten_tomatoes.sentiment")
     task, _ = kshot(bt, 16, 100)
-    # The previous default beside it, interleaved: a LoRA on every layer (so every layer runs
-    # every step) and no gradient through the prompt (bench/results/report-k16: the same F1).
-    every = load_lm(s.base_model, s.data_dir, "cpu", replace(LoraSpec.of(s), layers=None))
-    before = DEFAULT.but(prompt_grad=False)
-    warm = DEFAULT.but(epochs=0.1, min_steps=1, max_steps=1)
-    adapt(lm, task, warm, "lora", fmt=fmt)
-    adapt(every, task, warm, "lora", fmt=fmt)
-    times, prev_times = [], []
+    adapt(lm, task, DEFAULT.but(epochs=0.1, min_steps=1, max_steps=1), "lora", fmt=fmt)  # warm
+    times = []
     for _ in range(2):
         counter = TokenCounter(lm)
         t0 = time.perf_counter()
         a = adapt(lm, task, DEFAULT, "lora", fmt=fmt)
         times.append(time.perf_counter() - t0)
         counter.close()
-        t0 = time.perf_counter()
-        adapt(every, task, before, "lora", fmt=fmt)
-        prev_times.append(time.perf_counter() - t0)
-    adapt_s, prev_s = statistics.median(times), statistics.median(prev_times)
-    print(f"adaptation, previous default (LoRA on every layer, no prompt gradient): {prev_s:.1f} s", flush=True)
+    adapt_s = statistics.median(times)
     base = lm.model.get_base_model()
     per_layer = sum(p.numel() for n, p in base.named_parameters() if ".layers.0." in n and "lora_" not in n)
     hidden, vocab = base.config.hidden_size, base.config.vocab_size
@@ -181,8 +170,7 @@ def main() -> None:
         "predict_items_per_s": {k: round(v["items_per_s"], 2) for k, v in predict_rows.items()},
         "predict_speedup_vs_naive": {k: round(v["speedup_vs_naive"], 1) for k, v in predict_rows.items()},
         "predict_speedup_vs_naive_median": round(ratio, 1),
-        "adapt_s": round(adapt_s, 1), "adapt_s_previous_default": round(prev_s, 1),
-        "adapt_speedup_vs_previous": round(prev_s / adapt_s, 2), "adapt_steps": len(a.losses), "adapt_gflops": round(achieved, 1),
+        "adapt_s": round(adapt_s, 1), "adapt_steps": len(a.losses), "adapt_gflops": round(achieved, 1),
         "matmul_gflops": round(peak, 1), "adapt_flops_fraction": round(achieved / peak, 3),
         "threads": torch.get_num_threads(),
     }))
