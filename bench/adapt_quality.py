@@ -141,19 +141,19 @@ def run_llm(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], reci
     and is charged the first one's prediction seconds. `start`: begin from a meta-trained
     checkpoint (as the service does with an active one), in context too."""
     t0 = time.perf_counter()
-    params, prior, epochs = (start.params if start else None), None, 0.0
-    if recipe.epochs > 0:  # (min_demos may still make it 0 steps: then the weights are the start's)
+    begin = start.params if start else None
+    trained = recipe.epochs > 0  # (min_demos may still make it 0 steps: then the weights are the start's)
+    params, prior, epochs = begin, None, 0.0
+    if trained:
         if start and start.lr and recipe.lr is None:  # the checkpoint's own inner lr, as the service uses it
             recipe = recipe.but(lr=start.lr)
-        a = adapt(lm, task, recipe, mode, start=start.params if start else None, state=start.state if start else None,
-                  seed=seed, fmt=fmt)
-        params, prior, epochs = {**(start.params if start else {}), **a.params}, a.prior, a.epochs
+        a = adapt(lm, task, recipe, mode, start=begin, state=start.state if start else None, seed=seed, fmt=fmt)
+        params, prior, epochs = {**(begin or {}), **a.params}, a.prior, a.epochs
     elif recipe.calibrate:
         from model.scoring import option_prior
 
         prior = option_prior(lm, task, params, recipe, fmt)
     t1 = time.perf_counter()
-    trained = recipe.epochs > 0
     memo = None if trained or untrained is None else (recipe.predict_demos, recipe.length_norm, start and start.ckpt_id)
     if memo in (untrained or {}):
         raw, predict_s = untrained[memo]

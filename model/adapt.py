@@ -339,7 +339,6 @@ def adapt(
     # queries in the prediction prompt): two passes (`support_loss`) fewer per adaptation.
     free = prompt is not None and task.options is not None and (recipe.calibrate or steps > 0)
     init = {**fixed, **trainable}
-    before = None if free else support_loss(lm, init, fmt, task, recipe, seed)
     lower = frozen_below(lm, mode) if prompt is not None else None
     trainable, state, losses = inner_loop(lm, fixed, trainable, fmt, task.instruction, episodes, recipe.lr_for(mode),
                                           state, 0, on_step, task.options, recipe.loss, recipe.length_norm,
@@ -348,10 +347,10 @@ def adapt(
     scored = demo_scores(lm, task, params, recipe, fmt) if free else None
     first = [q for _, q in episodes[0]] if episodes else list(demos)
     after = recipe_loss(scored, first, recipe) if scored else None
-    if after is None:  # demonstrations with their own options, or not training in the prompt
-        before = before if before is not None else support_loss(lm, init, fmt, task, recipe, seed)
+    if after is None:  # not training in the prompt, or demonstrations with their own options
+        before = support_loss(lm, init, fmt, task, recipe, seed)
         after = support_loss(lm, params, fmt, task, recipe, seed) if steps else before
-    elif before is None:
+    else:
         before = losses[0] if losses else after
     prior = (scored.prior(recipe.length_norm) if scored else option_prior(lm, task, params, recipe, fmt)) \
         if recipe.calibrate else None
