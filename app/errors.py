@@ -114,7 +114,8 @@ def invalid(loc: tuple, msg: str, kind: str) -> RequestValidationError:
 
 def invalid_from(e: ValidationError, prefix: tuple) -> RequestValidationError:
     return RequestValidationError(
-        [{"loc": prefix + tuple(err["loc"]), "msg": err["msg"], "type": err["type"]} for err in e.errors(include_url=False)]
+        [{"loc": prefix + tuple(err["loc"]), "msg": err["msg"], "type": err["type"], "input": err.get("input")}
+         for err in e.errors(include_url=False)]
     )
 
 

@@ -54,7 +54,7 @@ def main() -> None:
     data_dir = args.data_dir or get_settings().data_dir
     t0 = time.perf_counter()
 
-    lm = load_for_eval(args.model, data_dir, args.device)
+    lm = load_for_eval(args.model, data_dir, args.device or get_settings().device)
     source = task_source(args.setting, data_dir)
     source.held_out = shortest_tasks(lm, source.held_out, args.tasks)
     starts: dict[str, tuple[dict, AdamState | None]] = {"base": ({}, None)}

@@ -134,7 +134,7 @@ def main() -> None:
     log.info("report folder %s (pass it as --out to resume this run)", out)
     t0 = time.perf_counter()
 
-    lm = load_for_eval(budget["model"], data_dir, args.device)  # fp32 (+ bf16 autocast on CUDA)
+    lm = load_for_eval(budget["model"], data_dir, args.device or get_settings().device)  # fp32 (+ bf16 autocast on CUDA)
     source = task_source(setting, data_dir, args.settings_dir)
     source.held_out = shortest_tasks(lm, source.held_out, ev["max_tasks"])  # the budget's sequences are short
     train_cfg = {k: v for k, v in budget.items() if k != "model"} | {"batch_tasks": args.batch_tasks,

@@ -19,6 +19,7 @@ a new id whose meta names its `parent`. No pickle anywhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -33,6 +34,7 @@ from model import weights
 from model.adapt import AdamState
 from model.blobs import Blobs, blobs_at
 from model.lm import LM, Params
+from model.settings import SHIPPED_DIR
 
 FORMAT = "mamlserve-checkpoint-1"
 PARAMS = "params.safetensors"
@@ -41,6 +43,9 @@ META = "meta.json"
 ALLOCATED = "allocated"
 _ID = re.compile(r"^v(\d{4,})-[A-Za-z0-9_.-]+$")
 Where = Path | Blobs  # a data dir, or a store whose keys start at checkpoints/
+# Checkpoints that ship with the service (model/shipped/checkpoints/<id>/, with the files' sha256
+# in meta.json): a worker verifies the one made for its base model and installs it (worker/checkpoints.py).
+SHIPPED = SHIPPED_DIR
 
 
 class CheckpointError(ValueError):
@@ -163,6 +168,52 @@ def copy(src: Where, dst: Where, ckpt_id: str) -> None:
             raise CheckpointError(f"no checkpoint {ckpt_id!r} in {a.where}")
         b.put(_key(ckpt_id, name), raw)
     b.create(_key(ckpt_id, ALLOCATED), b"")
+
+
+def digests(where: Where, ckpt_id: str) -> dict[str, str]:
+    """sha256 of the checkpoint's tensor files, as `ship` records them in meta.json."""
+    reg = registry(where)
+    out = {}
+    for name in (PARAMS, ADAM):
+        raw = reg.get(_key(ckpt_id, name))
+        if raw is None:
+            raise CheckpointError(f"checkpoint {ckpt_id!r} lacks {name} in {reg.where}")
+        out[name] = hashlib.sha256(raw).hexdigest()
+    return out
+
+
+def ship(src: Where, ckpt_id: str, dst: Where = SHIPPED, **fields: Any) -> dict[str, Any]:
+    """Copy a checkpoint into the shipped registry, its files' sha256 and `fields` (its evaluation,
+    the command that made it) recorded in meta.json."""
+    copy(src, dst, ckpt_id)
+    return update_meta(dst, ckpt_id, sha256=digests(dst, ckpt_id), **fields)
+
+
+def verify(where: Where, ckpt_id: str, lm: LM) -> dict[str, Any]:
+    """The checkpoint's meta when it can be loaded on `lm`: its files match the sha256 its meta.json
+    records (when it records them), it was trained on this model and LoRA layout, and its
+    parameters are exactly the ones of its space, shape for shape. CheckpointError says what is wrong."""
+    try:
+        meta = read_meta(where, ckpt_id)
+    except ValueError as e:  # CheckpointError, or a meta.json that is not JSON
+        raise CheckpointError(f"checkpoint {ckpt_id}: meta.json cannot be read ({e})") from e
+    for name, digest in digests(where, ckpt_id).items():
+        if (meta.get("sha256") or {}).get(name, digest) != digest:
+            raise CheckpointError(f"checkpoint {ckpt_id}: {name} is damaged (its sha256 {digest[:12]} is not the "
+                                  f"{meta['sha256'][name][:12]} that meta.json records)")
+    check_compatible(meta, lm)
+    try:
+        params, _, _ = load(where, ckpt_id)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors refuses a truncated or garbled file
+        raise CheckpointError(f"checkpoint {ckpt_id}: its tensors cannot be read ({e})") from e
+    own = lm.params("lora" if meta.get("space") == "lora" else "full")
+    wrong = sorted(set(own) ^ set(params)) or sorted(k for k in own if own[k].shape != params[k].shape)
+    if wrong:
+        raise CheckpointError(f"checkpoint {ckpt_id}: its parameters do not fit the model ({len(wrong)} differ, "
+                              f"e.g. {wrong[0]})")
+    return meta
 
 
 def inner_lr(meta: Mapping[str, Any], mode: str) -> float | None:

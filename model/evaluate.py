@@ -39,7 +39,6 @@ from model.meta_train import TaskSource, is_classification, task_source
 from model.prompts import Formatter, longest
 from model.recipe import LR, Recipe
 from model.scoring import Prefix, accuracy, encode_prefix, macro_f1, predict
-from model.settings import get_settings
 from model.task import Example, Task
 
 log = logging.getLogger("mamlserve.evaluate")
@@ -136,9 +135,9 @@ def evaluate(
 
     journal: a JSON-lines file every score is appended to as soon as it is known; an evaluation
     given the journal of an interrupted one (same variants and protocol) reuses its scores, so a
-    long evaluation can run as a series of time-limited commands."""
-    s = get_settings()
-    fmt = fmt or Formatter(lm.encode, s.prompt_format, s.context_tokens)
+    long evaluation can run as a series of time-limited commands. fmt: the prompt format and
+    budget (default: `Formatter`'s, direct in 1024 tokens)."""
+    fmt = fmt or Formatter(lm.encode)
     # this protocol (MetaICL-style, meta-training's yardstick) counts adaptation steps of the LM loss
     steps = adapt_steps if adapt_steps is not None else 5
     batch, ctx = adapt_batch or 4, context_demos if context_demos is not None else 4
@@ -353,11 +352,10 @@ def shortest_tasks(lm: LM, tasks: list, n: int | None) -> list:
 
 
 # --------------------------------------------------------------------------- CLI
-def load_for_eval(spec: str | None, data_dir: Path, device: str | None) -> LM:
+def load_for_eval(spec: str, data_dir: Path, device: str = "auto") -> LM:
     from model.loading import load_lm
 
-    s = get_settings()
-    lm = load_lm(spec or s.base_model, data_dir, device or s.device, attn="sdpa")
+    lm = load_lm(spec, data_dir, device, attn="sdpa")
     if lm.device.type == "cuda":
         lm.model.float()  # fp32 weights + bf16 autocast, as in meta-training
     return lm
@@ -390,9 +388,11 @@ def main(
     shortest examples rather than the first ones (for short prompt budgets). journal: a file scores
     are appended to as they come; the same command with the same journal resumes where it stopped."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    s = get_settings()
+    from model.settings import get_settings
+
+    s = get_settings()  # the CLI's defaults come from the environment (MAMLSERVE_*), as the service's do
     ddir = data_dir or s.data_dir
-    lm = load_for_eval(model, ddir, device)
+    lm = load_for_eval(model or s.base_model, ddir, device or s.device)
     source = task_source(setting, ddir, settings_dir)
     if shortest:
         source.held_out = shortest_tasks(lm, source.held_out, max_tasks)

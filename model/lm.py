@@ -92,9 +92,6 @@ class LM:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.encode(text))
-
     # --- parameter spaces
     def params(self, space: str) -> Params:
         """The module's current parameters of a space ("lora" or "full"), detached (no copy)."""

@@ -105,8 +105,7 @@ from model.adapt import (
 from model.blobs import Blobs
 from model.lm import LM, LoraSpec, Params
 from model.prompts import Formatter, longest
-from model.recipe import DEFAULT
-from model.settings import get_settings
+from model.recipe import DEFAULT, LORA_LAYERS
 from model.task import Example
 
 log = logging.getLogger("mamlserve.meta_train")
@@ -124,7 +123,7 @@ class MetaTrainConfig(BaseModel):
     method: Literal["maml", "fomaml", "reptile", "metaicl"] = "maml"  # = METHODS (and app.schemas' choices)
     space: Literal["lora", "full"] = "lora"
     setting: str = Field("class_to_class", description="a task-bank setting, or 'synthetic' (built in code)")
-    base_model: str | None = Field(None, description="model spec; None: the settings' base_model")
+    base_model: str = Field("smollm2", description="model spec (model.loading.load_lm)")
     steps: int = Field(100, ge=0, description="outer steps in total (a resumed run counts the parent's)")
     tasks_per_step: int = Field(4, ge=1)
     inner_steps: int = Field(1, ge=1, description="inner Adam steps per task (maml, fomaml, reptile)")
@@ -139,11 +138,13 @@ class MetaTrainConfig(BaseModel):
     query_size: int = Field(4, ge=1, description="query examples per task")
     context_demos: int = Field(4, ge=0, description="demonstrations in context of each support/query example "
                                "(inner_context 'sampled')")
+    remap: float = Field(0.0, ge=0, le=1, description="share of classification episodes whose labels are replaced by "
+                         "random letters or unrelated words (symbol tuning): only the demonstrations tell the mapping")
     shared_moments: bool | None = Field(None, description="one Adam state for inner and outer; None: on for maml/fomaml "
                                         "(reptile: never)")
     max_grad_norm: float | None = Field(1.0, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    prompt_format: str | None = None
+    prompt_format: str = "direct"
     context_tokens: int = Field(256, ge=32, description="prompt budget of every training sequence")
     grad_checkpointing: bool = False
     batch_tasks: bool = Field(False, description="run a step's tasks as one vmapped batch (not with grad_checkpointing)")
@@ -152,11 +153,14 @@ class MetaTrainConfig(BaseModel):
     log_every: int = Field(10, ge=1)
     save_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: only at the end or on stop)")
     resume: str | None = Field(None, description="checkpoint id to continue from")
-    device: str | None = None
-    data_dir: Path | None = None
-    lora_r: int | None = None
-    lora_alpha: int | None = None
-    lora_targets: list[str] | None = None
+    device: str = "auto"
+    data_dir: Path | None = Field(None, description="the bank, the model files and the checkpoint registry (needed "
+                                  "unless the caller hands meta_train a model, a task source and a registry)")
+    # the LoRA space; a checkpoint only loads on the layout it was trained on (model.lm.LoraSpec)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] = ["q_proj", "v_proj"]
+    lora_layers: list[int] | None = None if LORA_LAYERS is None else list(LORA_LAYERS)
     tag: str | None = Field(None, description="free text stored in meta.json")
 
     @model_validator(mode="after")
@@ -193,17 +197,26 @@ class MetaTrainConfig(BaseModel):
             return self.outer_lr
         return 3e-4 if self.space == "lora" else 1e-5
 
+    @classmethod
+    def of(cls, s: Any, **fields: Any) -> MetaTrainConfig:
+        """`fields` over what a `Settings` says of the model, the LoRA space, the prompt and the data
+        dir: what the service's edges (the CLI, the worker) run with."""
+        return cls(**{"base_model": s.base_model, "device": s.device, "data_dir": s.data_dir,
+                      "prompt_format": s.prompt_format, "lora_r": s.lora_r, "lora_alpha": s.lora_alpha,
+                      "lora_targets": list(s.lora_targets), "lora_layers": s.lora_layers, **fields})
+
     @property
     def dir(self) -> Path:
-        return Path(self.data_dir) if self.data_dir is not None else get_settings().data_dir
+        if self.data_dir is None:
+            raise ValueError("this meta-training run needs a data_dir (for the bank, the model or the registry)")
+        return Path(self.data_dir)
 
     def lora_spec(self) -> LoraSpec:
-        s = get_settings()
-        own = LoraSpec.of(s)
-        return LoraSpec(self.lora_r or own.r, self.lora_alpha or own.alpha, tuple(self.lora_targets or own.targets), own.layers)
+        return LoraSpec(self.lora_r, self.lora_alpha, tuple(self.lora_targets),
+                        None if self.lora_layers is None else tuple(self.lora_layers))
 
     def formatter(self, lm: LM) -> Formatter:
-        return Formatter(lm.encode, self.prompt_format or get_settings().prompt_format, self.context_tokens)
+        return Formatter(lm.encode, self.prompt_format, self.context_tokens)
 
 
 # --------------------------------------------------------------------------- task sources
@@ -297,6 +310,26 @@ def sample_episode(task: Any, rng: random.Random, n_support: int, n_query: int, 
         if len(support) >= 2 and queries:
             return support, queries
     raise ValueError(f"task {task.name!r}: no episode with 2 support and 1 query example within {max_row} tokens")
+
+
+# Symbols of remapped episodes (symbol tuning, Wei et al. 2023): capital letters, or common words
+# unrelated to any label. bench/adapt_quality.py's remapped variants draw from their own list.
+_SYMBOL_WORDS = ("table orange silver ocean pepper ladder cotton saddle marble carpet tunnel bridge jacket copper "
+                 "parrot meadow button garlic anchor velvet kettle harbor pillow walnut").split()
+
+
+def remap_labels(support: list[Example], queries: list[Example], options: list[str],
+                 rng: random.Random) -> tuple[list[Example], list[Example], list[str]]:
+    """The episode with each option replaced by a random symbol (all letters or all words, a
+    fresh mapping per episode), so the label names say nothing and the demonstrations everything."""
+    pool = [chr(ord("A") + i) for i in range(26)] if rng.random() < 0.5 else list(_SYMBOL_WORDS)
+    symbols = rng.sample(pool, len(options)) if len(options) <= len(pool) else list(options)
+    to = dict(zip(options, symbols))
+
+    def swap(xs: list[Example]) -> list[Example]:
+        return [Example.model_construct(input=e.input, output=to.get(e.output, e.output), options=None) for e in xs]
+
+    return swap(support), swap(queries), symbols
 
 
 def query_episode(support: Sequence[Example], queries: Sequence[Example], context_demos: int, rng: random.Random) -> Episode:
@@ -423,12 +456,15 @@ def _ordered(tensors: Params, names: Sequence[str]) -> Params:
 @dataclass
 class Draw:
     """One task's examples for a step: the support set, the query episode, one support episode
-    per inner step (none for MetaICL) and the tokens they put through the model."""
+    per inner step (none for MetaICL) and the tokens they put through the model; the options and
+    instruction they are scored with (the task's, or none and the symbols of a remapped episode)."""
 
     support: list[Example]
     query: Episode
     episodes: list[Episode]
     tokens: int
+    options: list[str] | None = None
+    instruction: str | None = None
 
 
 @dataclass
@@ -494,21 +530,27 @@ class MetaTrainer:
     def draw(self, task: Any, rng: random.Random) -> Draw:
         cfg, fmt = self.cfg, self.fmt
         support, queries = sample_episode(task, rng, cfg.support_size, cfg.query_size, fmt, self.max_row)
+        options, instruction = task.options, task.instruction
+        # the coin is drawn only when remapping is on: runs without it keep their exact draws
+        if cfg.remap and options and rng.random() < cfg.remap:
+            # the instruction goes too: it may name the original labels
+            support, queries, options = remap_labels(support, queries, options, rng)
+            instruction = None
         q_ep, episodes = self.episodes(support, queries, 0 if cfg.order is None else cfg.inner_steps, rng)
         if cfg.inner_context == "sampled":
-            tokens = sum(episode_tokens(fmt, task.instruction, ep) for ep in [q_ep, *episodes])
+            tokens = sum(episode_tokens(fmt, instruction, ep) for ep in [q_ep, *episodes])
         else:
-            tokens = sum(prompt_tokens(fmt, task.instruction, support, ep) for ep in [q_ep, *episodes])
-        return Draw(support, q_ep, episodes, tokens)
+            tokens = sum(prompt_tokens(fmt, instruction, support, ep) for ep in [q_ep, *episodes])
+        return Draw(support, q_ep, episodes, tokens, options, instruction)
 
-    def recipe_args(self, task: Any, support: list[Example]) -> dict[str, Any]:
+    def recipe_args(self, d: Draw) -> dict[str, Any]:
         """`episode_loss` / `inner_loop` keywords of the inner context. "recipe": what test-time
         `adapt` passes (`model.adapt.prompt_of`): the recipe's loss in the prediction prompt, the
         support set being the demonstrations. "sampled": none, i.e. the LM loss (`icl_loss`) with
         each example's own sampled context."""
         if self.cfg.inner_context == "sampled":
             return {}
-        return dict(options=task.options, loss=DEFAULT.loss, length_norm=DEFAULT.length_norm, prompt=support,
+        return dict(options=d.options, loss=DEFAULT.loss, length_norm=DEFAULT.length_norm, prompt=d.support,
                     prompt_grad=DEFAULT.prompt_grad)
 
     def query_loss(self, task: Any, params: Params, d: Draw) -> Tensor:
@@ -516,16 +558,16 @@ class MetaTrainer:
         what is reported). In the prediction prompt the gradient also flows through the prompt's
         keys and values (prompt_grad): the recipe holds them constant at test time to save a
         backward pass, but how demonstrations are encoded is part of what meta-training learns."""
-        return episode_loss(self.lm, params, self.fmt, task.instruction, d.query,
-                            **{**self.recipe_args(task, d.support), "prompt_grad": True})
+        return episode_loss(self.lm, params, self.fmt, d.instruction, d.query,
+                            **{**self.recipe_args(d), "prompt_grad": True})
 
     def adapt(self, task: Any, theta: Params, d: Draw, order: int,
               state: AdamState | None = None) -> tuple[Params, list[float]]:
         """θ' = the inner loop from θ on the draw's support episodes: `model.adapt.inner_loop`,
         the very function test-time adaptation runs, with the same keywords in "recipe" context."""
         state = state if state is not None else self.inner_state()
-        adapted, _, losses = inner_loop(self.lm, {}, dict(theta), self.fmt, task.instruction, d.episodes,
-                                        self.cfg.lr_inner, state, order, **self.recipe_args(task, d.support))
+        adapted, _, losses = inner_loop(self.lm, {}, dict(theta), self.fmt, d.instruction, d.episodes,
+                                        self.cfg.lr_inner, state, order, **self.recipe_args(d))
         return adapted, losses
 
     def inner_state(self) -> AdamState:
@@ -618,8 +660,8 @@ class MetaTrainer:
 
         def stacked(eps: list[Episode]) -> tuple[Tensor, Tensor]:
             rows = max(len(e) for e in eps)
-            length = max(len(x) for t, e in zip(tasks, eps) for x in sequences(fmt, t.instruction, e)[0])
-            batches = [episode_batch(lm, fmt, t.instruction, e, rows, length) for t, e in zip(tasks, eps)]
+            length = max(len(x) for d, e in zip(drawn, eps) for x in sequences(fmt, d.instruction, e)[0])
+            batches = [episode_batch(lm, fmt, d.instruction, e, rows, length) for d, e in zip(drawn, eps)]
             return torch.stack([b[0] for b in batches]), torch.stack([b[2] for b in batches])
 
         q_ids, q_labels = stacked([d.query for d in drawn])
@@ -672,7 +714,7 @@ class MetaTrainer:
             for i, task in enumerate(tasks):
                 rng = random.Random(f"heldout:{seed}:{i}")
                 support, queries = sample_episode(task, rng, cfg.support_size, cfg.query_size, fmt, self.max_row)
-                d = Draw(support, *self.episodes(support, queries, steps, rng), 0)
+                d = Draw(support, *self.episodes(support, queries, steps, rng), 0, task.options, task.instruction)
                 with torch.no_grad():
                     icl.append(self.query_loss(task, self.params, d).item())
                 st = state.detached() if state is not None else AdamState()
@@ -701,9 +743,9 @@ def _meta(cfg: MetaTrainConfig, lm: LM, source: TaskSource, status: str, step: i
             "tasks_per_step": cfg.tasks_per_step, "inner_steps": cfg.inner_steps, "inner_lr": cfg.lr_inner,
             "outer_lr": cfg.lr_outer, "support_size": cfg.support_size, "support_batch": cfg.support_batch,
             "query_size": cfg.query_size, "context_demos": cfg.context_demos, "inner_context": cfg.inner_context,
-            "max_grad_norm": cfg.max_grad_norm,
+            "remap": cfg.remap, "max_grad_norm": cfg.max_grad_norm,
             "betas": list(cfg.betas), "context_tokens": cfg.context_tokens, "grad_checkpointing": cfg.grad_checkpointing,
-            "prompt_format": cfg.prompt_format or get_settings().prompt_format,
+            "prompt_format": cfg.prompt_format,
         },
         "base_model": {"name": lm.name, "sha256": lm.sha256},
         "lora": {"r": lm.lora.r, "alpha": lm.lora.alpha, "targets": list(lm.lora.targets),
@@ -729,8 +771,7 @@ def resumed_config(cfg: MetaTrainConfig, meta: dict[str, Any]) -> MetaTrainConfi
 def load_for_training(cfg: MetaTrainConfig) -> LM:
     from model.loading import load_lm
 
-    s = get_settings()
-    lm = load_lm(cfg.base_model or s.base_model, cfg.dir, cfg.device or s.device, cfg.lora_spec(), attn="sdpa")
+    lm = load_lm(cfg.base_model, cfg.dir, cfg.device, cfg.lora_spec(), attn="sdpa")
     if lm.device.type == "cuda":
         lm.model.float()  # fp32 master weights; the forward runs under bf16 autocast
     return lm
@@ -752,7 +793,7 @@ def meta_train(
     """
     cfg = config
     lm = lm or load_for_training(cfg)
-    source = source or task_source(cfg.setting, cfg.data_dir)
+    source = source or task_source(cfg.setting, None if cfg.setting == "synthetic" else cfg.dir)
     reg = registry if registry is not None else cfg.dir
     params, state, step, parent, history = None, None, 0, None, []
     if cfg.resume:
@@ -837,6 +878,7 @@ def main(
     query_size: int = 4,
     context_demos: int = 4,
     inner_context: str | None = None,
+    remap: float = 0.0,
     shared_moments: bool | None = None,
     context_tokens: int = 256,
     grad_checkpointing: bool = False,
@@ -851,17 +893,19 @@ def main(
     """Meta-train and print the checkpoint id (python -m model.meta_train --setting S --method maml --space lora).
 
     --method: maml | fomaml | reptile | metaicl; --inner-context: recipe | sampled (default: recipe for a new
-    run, the checkpoint's own for --resume)."""
+    run, the checkpoint's own for --resume); --remap P: share of episodes with labels replaced by symbols."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from model.settings import get_settings  # a command-line edge: the environment's settings, then the flags
+
     # only when given: an unset inner_context lets a resumed run keep its checkpoint's (resumed_config)
-    extra = {"inner_context": inner_context} if inner_context is not None else {}
-    cfg = MetaTrainConfig(
-        method=method, space=space, setting=setting, base_model=model, steps=steps, tasks_per_step=tasks_per_step,
+    given = {"inner_context": inner_context, "base_model": model, "device": device, "data_dir": data_dir}
+    cfg = MetaTrainConfig.of(
+        get_settings(), method=method, space=space, setting=setting, steps=steps, tasks_per_step=tasks_per_step,
         inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, support_size=support_size,
-        support_batch=support_batch, query_size=query_size, context_demos=context_demos,
+        support_batch=support_batch, query_size=query_size, context_demos=context_demos, remap=remap,
         shared_moments=shared_moments, context_tokens=context_tokens, grad_checkpointing=grad_checkpointing,
-        batch_tasks=batch_tasks, seed=seed, log_every=log_every, save_every=save_every, resume=resume, device=device, data_dir=data_dir,
-        **extra,
+        batch_tasks=batch_tasks, seed=seed, log_every=log_every, save_every=save_every, resume=resume,
+        **{k: v for k, v in given.items() if v is not None},
     )
     print(meta_train(cfg))
 

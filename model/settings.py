@@ -8,10 +8,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.recipe import LORA_LAYERS
+
+
+# The repository's shipped checkpoints (model/shipped/checkpoints/<id>/: model/checkpoints.py ship)
+SHIPPED_DIR = Path(__file__).with_name("shipped")
 
 
 class Settings(BaseSettings):
@@ -20,6 +24,14 @@ class Settings(BaseSettings):
     # --- where things live
     data_dir: Path = Field(Path.home() / ".cache" / "mamlserve", description="this machine's model conversion, logs "
                            "and the command-line tools' bank and checkpoints (the service keeps its state in Redis)")
+    shipped_dir: Path | None = Field(SHIPPED_DIR, description="meta-trained checkpoints that ship with the service "
+                                     "(a registry folder); a worker installs the one made for its base model and "
+                                     "activates it when none was ever chosen. Empty: none")
+
+    @field_validator("shipped_dir", mode="before")
+    @classmethod
+    def _no_shipped(cls, v: Any) -> Any:
+        return None if v in ("", None) else v
 
     # --- base model: "smollm2" (embedded), "tiny" (random, for tests), a HF folder or a .gguf file
     base_model: str = "smollm2"

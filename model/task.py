@@ -1,12 +1,13 @@
-"""The task schema: the one pydantic model that app/, worker/ and the task bank share.
+"""The task schema (Task, Example, Query) and its size Limits: what app/, worker/ and the task bank share.
 
 A task is a few demonstrations {input, output}, an optional instruction and either options
 (classification / multiple choice: the output is one of them) or none (generation). Options
 may also be given per example, for multiple choice where each question has its own.
 
 Limits are configurable: pass them through the validation context,
-``Task.model_validate(data, context={"limits": Limits(...), "count_tokens": fn})``;
-without a context the settings' limits apply and token counts are not checked.
+``Task.model_validate(data, context={"limits": Limits(...), "count_tokens": fn})``, or call
+`validate_task` (the default `Limits()` unless given). Without limits in the context only the
+shape is checked: a request body's first parse, and records that were checked when they came in.
 """
 
 from __future__ import annotations
@@ -18,25 +19,28 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from model.settings import get_settings
-
 
 @dataclass(frozen=True)
 class Limits:
+    """How large a task may be; the defaults are the service's default settings."""
+
     max_demonstrations: int = 64
     max_options: int = 32
     max_text_tokens: int = 256
     max_text_chars: int = 4000
 
     @classmethod
-    def from_settings(cls) -> Limits:
-        s = get_settings()
+    def of(cls, s) -> Limits:
+        """From a `Settings` (max_demonstrations, max_options, max_text_tokens, max_text_chars)."""
         return cls(s.max_demonstrations, s.max_options, s.max_text_tokens, s.max_text_chars)
 
 
+# No limits: sizes go unchecked (the one check with the operator's limits comes after)
+_UNLIMITED = Limits(*(float("inf"),) * 4)
+
+
 def _limits(info: ValidationInfo) -> Limits:
-    ctx = info.context or {}
-    return ctx.get("limits") or Limits.from_settings()
+    return (info.context or {}).get("limits") or _UNLIMITED
 
 
 def _check_text(value: str, what: str, info: ValidationInfo) -> str:
@@ -107,9 +111,6 @@ class Example(BaseModel):
                 {"output": repr(self.output), "options": self.options},
             )
         return self
-
-
-Demonstration = Example
 
 
 class Query(BaseModel):
@@ -185,4 +186,4 @@ class Task(BaseModel):
 
 
 def validate_task(data: Any, limits: Limits | None = None, count_tokens: Callable[[str], int] | None = None) -> Task:
-    return Task.model_validate(data, context={"limits": limits or Limits.from_settings(), "count_tokens": count_tokens})
+    return Task.model_validate(data, context={"limits": limits or Limits(), "count_tokens": count_tokens})

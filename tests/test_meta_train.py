@@ -336,3 +336,28 @@ def test_a_checkpoint_from_before_inner_context_resumes_with_sampled_contexts(lm
     p1, _, _ = checkpoints.load(tmp_path, straight)
     p2, _, _ = checkpoints.load(tmp_path, resumed)
     assert all(torch.equal(p1[k], p2[k]) for k in p1)  # the old run, continued as it ran
+
+
+def test_remapped_episodes_keep_the_mapping_and_hide_the_label_names(lm, source, tmp_path):
+    """Symbol tuning: with remap=1 every classification episode replaces each option by one random
+    symbol (all letters or all words), the same one in support and query, and drops the
+    instruction; the loss is scored over the symbols. remap=0 draws exactly what a run without it did."""
+    tr = MetaTrainer(cfg(tmp_path, method="metaicl", remap=1.0), lm, source)
+    plain = MetaTrainer(cfg(tmp_path, method="metaicl"), lm, source)
+    kinds = set()
+    for i, task in enumerate(source.meta_train[:8]):
+        d, orig = tr.draw(task, random.Random(i)), plain.draw(task, random.Random(i))
+        assert d.instruction is None and len(d.options) == len(task.options)
+        assert not set(d.options) & set(task.options)
+        kinds.add(all(len(o) == 1 and o.isupper() for o in d.options))
+        to = dict(zip(task.options, d.options))
+        # the same examples in the same order (the remap coin aside), each label replaced by its symbol
+        assert [e.input for e in d.support] == [e.input for e in orig.support]
+        assert [to[e.output] for e in orig.support] == [e.output for e in d.support]
+        assert [to[q.output] for _, q in orig.query] == [q.output for _, q in d.query]
+        with training_mode(lm, None, False), torch.no_grad():
+            assert torch.isfinite(tr.query_loss(task, tr.params, d))
+    assert kinds == {True, False}  # letters in some episodes, words in others
+    again = MetaTrainer(cfg(tmp_path, method="metaicl", remap=0.0), lm, source).draw(source.meta_train[0], random.Random(3))
+    first = plain.draw(source.meta_train[0], random.Random(3))
+    assert again.support == first.support and again.options == source.meta_train[0].options

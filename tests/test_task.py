@@ -1,6 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
+from model.settings import Settings
 from model.task import Limits, Query, Task, validate_task
 
 LIMITS = Limits(max_demonstrations=3, max_options=4, max_text_tokens=5, max_text_chars=100)
@@ -82,6 +83,13 @@ def test_unknown_field_rejected():
     check({"demonstrations": [demo()], "optoins": ["a", "b"]}, "Extra inputs are not permitted")
 
 
-def test_limits_default_to_settings_without_context():
+def test_validate_task_applies_the_default_settings_limits_and_a_bare_parse_only_the_shape():
+    # model/ reads no settings: its default Limits() must be the service's default ones
+    assert Limits() == Limits.of(Settings.model_construct())
+    with pytest.raises(ValidationError, match="65 demonstrations; the limit is 64"):
+        validate_task({"demonstrations": [demo()] * 65})
+    # without limits in the context (a request body's first parse, a stored record) sizes are not
+    # checked, so an operator's raised limits are not refused before the one check that has them
+    assert len(Task(demonstrations=[demo()] * 65).demonstrations) == 65
     with pytest.raises(ValidationError, match="at least one demonstration"):
         Task(demonstrations=[])

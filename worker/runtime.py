@@ -143,6 +143,11 @@ class Runtime:
         self.lru: OrderedDict[str, Entry] = OrderedDict()
         self.ckpts: OrderedDict[str, tuple[Params, AdamState | None]] = OrderedDict()
         self.base = base_info(s, self.lm)
+        try:  # before the first heartbeat: /readyz reports no worker until the shipped checkpoint is settled
+            self.shipped = checkpoints.install_shipped(s, self.lm, self.store)
+        except Exception:  # Redis unreachable: tasks still run; the next worker start installs it
+            log.warning("could not install the shipped checkpoint", exc_info=True)
+            self.shipped = None
 
     # --- checkpoints
     def checkpoint_state(self, ckpt: str) -> tuple[Params, AdamState | None]:

@@ -23,6 +23,7 @@ TENANT = "ms:tenant:"  # + tenant -> zset of task ids by creation time
 JOB = "ms:job:"  # + id -> hash
 JOBS = "ms:jobs"  # zset of job ids by creation time
 ACTIVE = "ms:checkpoint:active"  # the checkpoint new tasks start from by default
+SHIPPED = "ms:checkpoint:shipped"  # JSON: the shipped checkpoint a worker last installed or refused, and why
 METRICS = "ms:metrics:"  # + worker -> hash: counters that worker adds to and /metrics reads
 METRIC_WORKERS = "ms:metrics"  # set: the workers with counters
 REPLY = "ms:reply:"  # + uuid -> list the worker pushes a prediction reply onto
@@ -309,6 +310,26 @@ class Store:
     @retrying
     def set_active_checkpoint(self, checkpoint: str) -> None:
         self.r.set(ACTIVE, checkpoint)
+
+    @retrying
+    def activate_first(self, checkpoint: str) -> bool:
+        """Make `checkpoint` active unless one was ever chosen (an admin's choice, `base` included, stays)."""
+        return bool(self.r.set(ACTIVE, checkpoint, nx=True))
+
+    @retrying
+    def deactivate(self, checkpoint: str) -> bool:
+        """Back to the base model if `checkpoint` is the active one (compare and set, in one script)."""
+        script = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], ARGV[2]) end"
+        return bool(self.r.eval(script, 1, ACTIVE, checkpoint, BASE))
+
+    @retrying
+    def note_shipped(self, info: dict[str, Any]) -> None:
+        self.r.set(SHIPPED, json.dumps(info))
+
+    @retrying
+    def shipped(self) -> dict[str, Any] | None:
+        raw = self.r.get(SHIPPED)
+        return json.loads(raw) if raw else None
 
     # --- calls the API sends to one worker: which process took it
     @retrying

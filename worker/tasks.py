@@ -33,7 +33,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from model.generation import Sampling
 from model.prompts import PromptTooLong
 from model.settings import get_settings
-from model.task import Query
+from model.task import Limits, Query
 from worker.blobs import shared, store_of
 from worker.celery_app import QUEUES, app, direct, queue
 from worker.checkpoints import CheckpointError
@@ -329,7 +329,8 @@ def predict(task_id: str, groups: list[list[dict[str, Any]]], reply: str) -> Non
     """Answer several callers' queries on one task in one batch; each group gets its own reply."""
 
     def answer(rt: Runtime, rec: dict[str, Any], group: list[dict[str, Any]]) -> dict[str, Any]:
-        preds = rt.predict(rec, [Query.model_validate(q) for q in group])
+        limits = {"limits": Limits.of(rt.s)}  # the operator's limits, not model/'s defaults
+        preds = rt.predict(rec, [Query.model_validate(q, context=limits) for q in group])
         return {"predictions": [{"output": p.output, "scores": p.scores} for p in preds]}
 
     def run(rt: Runtime, rec: dict[str, Any]) -> dict[str, Any]:
@@ -410,7 +411,7 @@ def job_config(job: dict[str, Any], strict: bool = False):
     fields = {**hp, "method": job["method"], "space": job["space"], "setting": job["setting"], "tag": f"job:{job['id']}"}
     if strict:
         return MetaTrainConfig.model_validate_json(json.dumps(fields), strict=True)
-    return MetaTrainConfig(**fields)
+    return MetaTrainConfig.of(S, **fields)
 
 
 @app.task(name="worker.tasks.meta_train", bind=True, time_limit=S.meta_train_time_limit_s,

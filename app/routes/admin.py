@@ -24,7 +24,8 @@ from worker.store import BASE, now
 from worker.tasks import job_config
 
 # The service decides where checkpoints go, which model and device train, and how jobs are tagged.
-SERVICE_OWNED = {"data_dir", "device", "base_model", "tag", "method", "space", "setting"}
+SERVICE_OWNED = {"data_dir", "device", "base_model", "tag", "method", "space", "setting", "prompt_format", "lora_r", "lora_alpha",
+                 "lora_targets", "lora_layers"}  # a checkpoint only loads on the model, prompt and LoRA layout it was made for
 
 def hyperparameters_schema() -> dict[str, Any]:
     """The meta-training config's fields a request may set (closed: an unknown key is a 422)."""

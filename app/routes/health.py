@@ -24,6 +24,20 @@ class Mismatch(BaseModel):
     differs: list[str] = Field(description="what differs, field by field (model sha256, dtype, lora.*, prompt_format)")
 
 
+class Shipped(BaseModel):
+    id: str = Field(description="the checkpoint that ships with the service for this base model")
+    installed: bool = Field(description="verified and in the registry (GET /admin/checkpoints lists it, with its "
+                            "evaluation)")
+    refused: str | None = Field(None, description="why it was refused (a damaged file, another model or LoRA "
+                                "layout): new tasks then start from the base model")
+
+
+class CheckpointInfo(BaseModel):
+    active: str = Field(description="the checkpoint new tasks start from unless they name one ('base': the base model)")
+    shipped: Shipped | None = Field(description="the shipped checkpoint as the last worker to start found it "
+                                    "(null: none ships for this model)")
+
+
 class Ready(BaseModel):
     ready: bool
     redis: bool
@@ -35,6 +49,7 @@ class Ready(BaseModel):
     models: list[str]  # worker processes with the model loaded
     mismatched: list[Mismatch] = Field(description="live workers of another configuration: they are sent no task of "
                                        "this one (and tasks of theirs go to them alone)")
+    checkpoint: CheckpointInfo | None = Field(None, description="null while Redis is unreachable")
 
 
 NEEDED = ("predict", "adapt")  # meta-training is an admin's: its worker may be away
@@ -82,8 +97,16 @@ def readyz(request: Request, response: Response, s: SettingsDep, store: StoreDep
     models = sorted(f"{proc}: {info['model']} on {info['device']}" for proc, info in live.items()
                     if info.get("fingerprint") == mine)
     ready = redis_ok and cache_ok and all(queues.get(q) for q in NEEDED) and bool(models)
+    checkpoint = None
+    if redis_ok:
+        try:
+            shipped = store.shipped()
+            checkpoint = CheckpointInfo(active=store.active_checkpoint(),
+                                        shipped=Shipped.model_validate(shipped) if shipped else None)
+        except Exception:
+            checkpoint = None
     if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     return Ready(ready=ready, redis=redis_ok, cache=cache_ok, fingerprint=mine, workers=sorted(nodes),
                  queues={q: sorted(w) for q, w in queues.items()}, models=models,
-                 mismatched=[odd[n] for n in sorted(odd)])
+                 mismatched=[odd[n] for n in sorted(odd)], checkpoint=checkpoint)

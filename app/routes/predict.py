@@ -32,7 +32,7 @@ def parse_queries(body: PredictRequest, s: Settings, count_tokens) -> list[Query
         raise invalid(("body", "inputs"), f"{len(body.inputs)} inputs; the limit is {s.max_predict_inputs}", "too_many_inputs")
     if body.wait_s > s.predict_wait_max_s:
         raise invalid(("body", "wait_s"), f"wait_s is {body.wait_s:g}; the limit is {s.predict_wait_max_s:g}", "wait_too_long")
-    limits = Limits(s.max_demonstrations, s.max_options, s.max_text_tokens, s.max_text_chars)
+    limits = Limits.of(s)
     ctx = {"limits": limits, "count_tokens": count_tokens}
     queries = []
     for i, q in enumerate(body.inputs):

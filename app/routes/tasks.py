@@ -123,7 +123,7 @@ def create_task(body: TaskCreate, request: Request, response: Response, who: Ten
 
 def checked_task(body: TaskCreate, request: Request, s: Settings) -> Task:
     data = body.model_dump(exclude={"adaptation", "checkpoint", "adapter"}, exclude_none=True)
-    limits = Limits(s.max_demonstrations, s.max_options, s.max_text_tokens, s.max_text_chars)
+    limits = Limits.of(s)
     try:  # again, now with token counts: the body model could only count characters
         return validate_task(data, limits, request.app.state.count_tokens)
     except ValidationError as e:

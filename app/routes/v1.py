@@ -200,7 +200,7 @@ class Call:
     def __init__(self, rec: dict[str, Any], texts: list[str], body: Sampled, s: Settings, count, param: str):
         self.rec, self.texts, self.body = rec, texts, body
         self.options = rec["task"].get("options")
-        limits = Limits(s.max_demonstrations, s.max_options, s.max_text_tokens, s.max_text_chars)
+        limits = Limits.of(s)
         self.queries = []
         for i, t in enumerate(texts):
             try:

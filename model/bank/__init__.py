@@ -18,7 +18,7 @@ API (what evaluation and meta-training build on):
 
     from model.bank import load_bank, kshot, kshot_runs, sample_episode
 
-    bank = load_bank()                      # data_dir/bank; load_bank(Path(...)) for another
+    bank = load_bank(data_dir)              # data_dir/bank, or bank/ in a store (model.blobs)
     bank.names                              # every task name, e.g. "bigbench.anachronisms"
     st = bank.setting("non_nli_to_nli")     # Setting(name, meta_train: list[str], held_out: list[str])
     bank.setting_names()                    # class_to_class, non_class_to_class, non_nli_to_nli,

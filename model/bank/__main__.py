@@ -1,4 +1,4 @@
-"""python -m model.bank build | stats | settings  (see model/bank/__init__.py)."""
+"""The bank's command line: python -m model.bank build | stats | export | settings (see model/bank/__init__.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,6 @@ from pathlib import Path
 
 from model.bank.build import BuildConfig, build
 from model.bank.store import SETTINGS_DIR, export, load_bank
-
-
-def _data_dir(arg: str | None) -> Path:
-    if arg:
-        return Path(arg).expanduser()
-    from model.settings import get_settings
-
-    return get_settings().data_dir
 
 
 def stats_text(bank, names: list[str] | None = None, summary: bool = False) -> str:
@@ -64,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", default=str(SETTINGS_DIR))
     g.add_argument("--only", action="append", help="regenerate only these settings (repeatable)")
     a = p.parse_args(argv)
-    data_dir = _data_dir(a.data_dir)
+    if a.data_dir:
+        data_dir = Path(a.data_dir).expanduser()
+    else:  # the CLI's default comes from the environment (MAMLSERVE_DATA_DIR), as the service's does
+        from model.settings import get_settings
+
+        data_dir = get_settings().data_dir
     if a.cmd == "build":
         cfg = BuildConfig(**{f.name: getattr(a, f.name) for f in fields(BuildConfig)})
         t0 = time.time()

@@ -68,6 +68,14 @@ RULES = [
          "subjectivity, support, fact-checking, bias, metaphor, word senses and parts of speech); no meta-train task "
          "of a held-out task's family (the other multiemo languages are translations of the same opinions)",
          lambda t: False, lambda t: True, None, names=USER_TASKS, family_apart=True),
+    # The evaluation's own split (bench/adapt_tasks.json holds user_tasks' held-out side and one NLI task
+    # held out in non_nli_to_nli, which user_tasks meta-trains on): meta-train on the union of every
+    # setting's meta-train tasks, less any task that shares a family or an input text with those.
+    Rule("union_to_user_tasks",
+         "the union of every setting's meta-train tasks -> the tasks of bench/adapt_tasks.json (user_tasks' "
+         "held-out side and bigbench.presuppositions_as_nli); no meta-train task of a held-out task's family",
+         lambda t: False, lambda t: True, None, names=USER_TASKS + ("bigbench.presuppositions_as_nli",),
+         family_apart=True),
 ]
 MIN_TEST = 16
 PER_FAMILY = 2

@@ -182,12 +182,8 @@ def export(bank: Bank, settings: list[str], data_dir: Path | Blobs) -> list[str]
     return names
 
 
-def load_bank(data_dir: Path | Blobs | None = None, settings_dir: Path = SETTINGS_DIR) -> Bank:
-    """The bank under data_dir/bank, or under bank/ in a store (data_dir defaults to the settings')."""
-    if data_dir is None:
-        from model.settings import get_settings
-
-        data_dir = get_settings().data_dir
+def load_bank(data_dir: Path | Blobs, settings_dir: Path = SETTINGS_DIR) -> Bank:
+    """The bank under data_dir/bank, or under bank/ in a store."""
     return Bank(blobs_at(data_dir).under("bank"), settings_dir)  # a folder stays a Folder (Bank.root)
 
 
