@@ -85,6 +85,8 @@ import hashlib
 import json
 import logging
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -907,7 +909,12 @@ def main(
         batch_tasks=batch_tasks, seed=seed, log_every=log_every, save_every=save_every, resume=resume,
         **{k: v for k, v in given.items() if v is not None},
     )
-    print(meta_train(cfg))
+    # SIGTERM or Ctrl-C ends the run after the step under way, checkpointed as "stopped" (resumable):
+    # how a run is held to a time budget, or stopped to free the machine
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(meta_train(cfg, should_stop=stop.is_set))
 
 
 if __name__ == "__main__":
