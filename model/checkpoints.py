@@ -246,18 +246,34 @@ def check_compatible(meta: Mapping[str, Any], lm: LM) -> None:
                                   f"in layers {mine}")
 
 
-def main(data_dir: Path | None = None) -> None:
-    """List the registry: python -m model.checkpoints [--data-dir DIR]."""
-    from model.settings import get_settings
+def _data_dir(data_dir: Path | None) -> Path:
+    from model.settings import get_settings  # a command-line edge: the environment's data dir unless given
 
-    ddir = data_dir or get_settings().data_dir
-    for m in list_checkpoints(ddir):
-        ev = ", ".join(f"{s}: icl {r.get('icl', float('nan')):.1f} adapted {r.get('adapted', float('nan')):.1f}"
-                       for s, r in (m.get("evaluation") or {}).items())
+    return data_dir or get_settings().data_dir
+
+
+def main(data_dir: Path | None = None) -> None:
+    """List the registry: python -m model.checkpoints list [--data-dir DIR]."""
+    for m in list_checkpoints(_data_dir(data_dir)):
+        ev = ", ".join(f"{s}: {json.dumps(r)}" for s, r in (m.get("evaluation") or {}).items())
         print(f"{m['id']}\t{m['status']}\tstep {m['step']}/{m.get('total_steps')}\t{m['base_model']['name']}\t{ev}")
+
+
+def ship_command(ckpt_id: str, evaluation: Path | None = None, command: str | None = None, data_dir: Path | None = None,
+                 to: Path = SHIPPED) -> None:
+    """Ship a checkpoint with the service: python -m model.checkpoints ship ID --evaluation FILE.json
+    --command "how it was made". It lands in model/shipped/ with its files' sha256, the evaluation
+    (a JSON object) and the command in meta.json; commit it, and every fresh install starts from it."""
+    if evaluation is None or not command:
+        raise SystemExit("ship needs --evaluation FILE.json and --command: a shipped checkpoint says how good it is and how it was made")
+    meta = ship(_data_dir(data_dir), ckpt_id, to, evaluation=json.loads(evaluation.read_text()), command=command)
+    print(f"{meta['id']} shipped to {registry(to).where}")
 
 
 if __name__ == "__main__":
     import typer
 
-    typer.run(main)
+    cli = typer.Typer(add_completion=False)
+    cli.command("list")(main)
+    cli.command("ship")(ship_command)
+    cli()
