@@ -37,7 +37,7 @@ class LoraSpec:
 
     @classmethod
     def of(cls, s) -> LoraSpec:
-        """From a `Settings` (lora_r, lora_alpha, lora_targets, lora_layers)."""
+        """From what has lora_r, lora_alpha, lora_targets and lora_layers (a `Settings`, a `MetaTrainConfig`)."""
         return cls(s.lora_r, s.lora_alpha, tuple(s.lora_targets), None if s.lora_layers is None else tuple(s.lora_layers))
 
     def config(self, n_layers: int | None = None) -> LoraConfig:
