@@ -3,7 +3,7 @@ queues again a run (or a meta-training job) whose worker is gone.
 
 Every adaptation run has an id, kept in the task record and carried by its Celery message; the
 worker drops a message whose run is no longer the record's, and a superseded run writes nothing
-(worker/store.py `set_task_if`). So a run can be replaced at any time without two runs finishing
+(contract/store.py `set_task_if`). So a run can be replaced at any time without two runs finishing
 one task. A run is queued again only when its own worker process stopped beating: never because
 another worker started (workers do nothing to the broker at start), so any number of workers may
 join. Plain functions over the record store and `send(task_id, run, fingerprint)`, which puts the
@@ -21,12 +21,10 @@ from typing import Any
 import anyio.to_thread
 from celery import Celery
 
-from worker.celery_app import queue
-from worker.store import Store, now
+from contract.queues import ADAPT, META_TRAIN, queue
+from contract.store import Store, now
 
 log = logging.getLogger(__name__)
-ADAPT = "worker.tasks.adapt"
-META = "worker.tasks.meta_train"
 Send = Callable[[str, str, str | None], None]
 SendJob = Callable[[str, str | None], None]
 
@@ -46,7 +44,7 @@ def sender(celery: Celery, fallback: str) -> Send:
 
 def job_sender(celery: Celery, fallback: str) -> SendJob:
     def send(job_id: str, fingerprint: str | None) -> None:
-        celery.send_task(META, args=[job_id], queue=queue("meta", fingerprint or fallback), ignore_result=True)
+        celery.send_task(META_TRAIN, args=[job_id], queue=queue("meta", fingerprint or fallback), ignore_result=True)
 
     return send
 

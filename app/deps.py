@@ -13,8 +13,8 @@ from celery import Celery
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from contract.store import Store
 from model.settings import Settings
-from worker.store import Store
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="your API key")
 bearer = HTTPBearer(auto_error=False, description="your API key, as OpenAI's clients send it")

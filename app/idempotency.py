@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import Header, HTTPException, status
 
-from worker.store import IDEM, Store, retrying
+from contract.store import IDEM, Store, retrying
 
 Answer = tuple[int, dict[str, Any], dict[str, str]]  # status, JSON body, headers to repeat
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,

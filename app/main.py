@@ -23,12 +23,12 @@ from app.watcher import StatusWatcher
 from app.limits import BodyLimit
 from app.routes import admin, health, predict, tasks, usage, v1
 from app.routing import Router
+from contract.config import fingerprint, local_config, model_lock
+from contract.queues import PREDICT, make_celery
+from contract.store import Store
 from model.bank.store import setting_names
 from model.settings import Settings, get_settings
-from worker.celery_app import make_celery
-from worker.config import fingerprint, local_config
-from worker.runtime import tokenizer
-from worker.store import Store
+from model.tokens import count_tokens, fast_tokenizer
 
 EXAMPLE_KEYS = Settings.model_fields["api_keys"].default
 EXAMPLE_ADMIN_KEY = Settings.model_fields["admin_key"].default
@@ -48,7 +48,8 @@ def check_keys(s: Settings) -> None:
 
 
 class TokenCounter:
-    """Counts tokens with the base model's tokenizer, loaded on first use (the API never loads the model)."""
+    """Counts tokens with the base model's tokenizer (model/tokens.py: no torch), loaded on first use
+    (the API never loads the model)."""
 
     def __init__(self, s: Settings):
         self.s = s
@@ -57,8 +58,10 @@ class TokenCounter:
 
     def __call__(self, text: str) -> int:
         with self.lock:  # a fast tokenizer used from several threads can fail with "Already borrowed"
-            self.tok = self.tok or tokenizer(self.s)
-            return len(self.tok(text, add_special_tokens=False)["input_ids"])
+            if self.tok is None:
+                with model_lock(self.s.data_dir):  # its folder may still be converting (contract/config.py)
+                    self.tok = fast_tokenizer(self.s.base_model, self.s.data_dir)
+            return count_tokens(self.tok, text)
 
 
 def create_app(s: Settings | None = None) -> FastAPI:
@@ -68,7 +71,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.count_tokens("warm up")  # load the tokenizer before the first request
-        # The configuration this API creates tasks for: tasks go to workers that run it (worker/config.py).
+        # The configuration this API creates tasks for: tasks go to workers that run it (contract/config.py).
         app.state.config = local_config(s)
         app.state.fingerprint = fingerprint(app.state.config)
         reaper = asyncio.create_task(reap_forever(
@@ -101,7 +104,7 @@ def create_app(s: Settings | None = None) -> FastAPI:
     app.state.router = router = Router(app.state.celery, app.state.replies, s)
 
     async def send(task_id: str, route: str, groups: list) -> list:
-        return (await router.call(route, "worker.tasks.predict", [task_id, groups]))["groups"]
+        return (await router.call(route, PREDICT, [task_id, groups]))["groups"]
 
     app.state.batcher = Batcher(send, s.predict_linger_ms / 1000, s.max_predict_inputs, router.lanes)
     for module in (tasks, predict, v1, usage, admin, health):

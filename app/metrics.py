@@ -1,7 +1,7 @@
 """/metrics: request latency (prometheus-fastapi-instrumentator) plus what the workers report.
 
 The workers are other processes, on other machines too, so their counters live in Redis, one hash
-per worker (worker/store.py METRICS), and a collector turns them into Prometheus families at scrape
+per worker (contract/store.py METRICS), and a collector turns them into Prometheus families at scrape
 time, each sample labelled with its worker (the Celery node), with the depths of the queues.
 """
 
@@ -15,7 +15,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 
 from app.deps import admin
 from app.errors import ADMIN_ERRORS
-from worker.store import ADAPT_BUCKETS, Store
+from contract.store import ADAPT_BUCKETS, Store
 
 COUNTERS = {
     "weights_hit_memory": "predictions served from the worker's in-process LRU",

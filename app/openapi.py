@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.routes.admin import hyperparameters_schema
+from app.services.jobs import hyperparameters_schema
 from model.settings import Settings
 
 CHECKPOINT_ID = r"^(base|v[0-9]{4,}-[A-Za-z0-9_.-]+)$"

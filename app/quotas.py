@@ -9,7 +9,7 @@ Every count lives in the records Redis, so every API process counts against the 
   slot of a process that died expires with its lease;
 - requests per minute: a sliding log, one sorted set per tenant (request id -> time);
 - tasks held: the tenant's task index (the record store refuses a task over the count atomically);
-- bytes of stored weights: charged by the worker when it stores them (worker/store.py `charge`);
+- bytes of stored weights: charged by the worker when it stores them (contract/store.py `charge`);
 - adaptation seconds per hour: the worker adds each run's seconds to its minute's counter.
 `usage` reads them all for GET /usage.
 """
@@ -25,8 +25,8 @@ import redis
 import redis.asyncio
 from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
+from contract.store import SLOTS, Store, now, retrying
 from model.settings import Settings
-from worker.store import SLOTS, Store, now, retrying
 
 RATE = "ms:rate:"  # + tenant -> zset of request ids by time (the last minute's requests)
 

@@ -1,10 +1,10 @@
 """Calls the API makes to one worker (predictions, exports, generation, imports): which worker,
 and what happens when it dies.
 
-Each call goes to the direct queue of one live worker (worker/celery_app.py) that takes the
-`predict` role and runs the task's configuration (worker/config.py): the one with the fewest of
+Each call goes to the direct queue of one live worker (contract/queues.py) that takes the
+`predict` role and runs the task's configuration (contract/config.py): the one with the fewest of
 this API's calls in flight, preferring workers that are not adapting (a worker runs one thing at
-a time). The worker marks the call taken by its process (worker/store.py TAKEN). While the API
+a time). The worker marks the call taken by its process (contract/store.py TAKEN). While the API
 waits for the answer it watches, every half second, the heartbeat of that process (or, until it
 is taken, of any process of that worker): silent for `predict_dead_after_s`, the worker is dead,
 and a call that is safe to repeat goes to another live worker at once. So a killed worker costs
@@ -38,9 +38,9 @@ from celery import Celery
 from fastapi import HTTPException, status
 
 from app.errors import public
+from contract.queues import direct
+from contract.store import CANCEL, REPLY, TAKEN, WORKERS
 from model.settings import Settings
-from worker.celery_app import direct
-from worker.store import CANCEL, REPLY, TAKEN, WORKERS
 
 log = logging.getLogger(__name__)
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)

@@ -6,10 +6,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from contract.records import JobState, TaskStatus
 from model.task import Query, Task
 
-Status = Literal["queued", "adapting", "ready", "failed"]
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Status = TaskStatus  # the routes' name for it
 
 
 class Error(BaseModel):

@@ -12,7 +12,7 @@ import logging
 
 import anyio.to_thread
 
-from worker.store import Store
+from contract.store import Store
 
 log = logging.getLogger(__name__)
 UNDERWAY = ("queued", "adapting")

@@ -2,7 +2,7 @@
 
 A key is a relative path of plain segments ("checkpoints/v0001-maml-lora-x/meta.json"). Two
 backends: `Folder` (files under a root: the command-line tools and a machine of one's own) and
-`worker.blobs.RedisBlobs` (chunked values in Redis: what every machine of the service reaches).
+`contract.blobs.RedisBlobs` (chunked values in Redis: what every machine of the service reaches).
 No backend ever hands out a path: callers keep keys.
 """
 

@@ -7,34 +7,15 @@ small vocabulary matters: with SmolLM2's 49k tokens the output layer would domin
 from functools import lru_cache
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-BOS, EOS = "<|im_start|>", "<|im_end|>"
-
-# Enough English-like text for byte-level BPE to learn common merges; every byte is in the
-# initial alphabet, so any input encodes.
-_CORPUS = [
-    "the movie was great and i loved it", "the film was terrible and boring",
-    "positive negative neutral sports politics business science world",
-    "question answer input output option true false yes no entailment contradiction",
-    "what is the capital of france paris berlin london tokyo madrid rome",
-    "the quick brown fox jumps over the lazy dog 0123456789",
-    "a b c d e f g h i j k l m n o p q r s t u v w x y z",
-] * 20
+from model.tokens import BOS, EOS, tiny_bpe
 
 
 @lru_cache
 def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tiny_bpe(vocab_size), bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                                   unk_token="<unk>")
 
 
 def tiny_config(vocab_size: int = 512) -> LlamaConfig:

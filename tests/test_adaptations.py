@@ -10,9 +10,9 @@ import pytest
 import redis
 
 from app.adaptations import enqueue, job_sender, new_run, reap, reap_jobs, retry_failed, sender
+from contract.queues import make_celery
+from contract.store import Store, now
 from conftest import RECORDS_PORT, settings
-from worker.celery_app import make_celery
-from worker.store import Store, now
 
 DB = 9
 DEAD_AFTER_S = 3.0

@@ -90,7 +90,7 @@ def save_checkpoint(space: str) -> str:
     from helpers import tiny_lm
     from model import checkpoints
     from model.adapt import AdamState
-    from worker.blobs import shared
+    from contract.blobs import shared
 
     lm = tiny_lm()
     registry = shared(settings())

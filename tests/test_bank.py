@@ -373,7 +373,7 @@ def test_a_bank_exported_to_the_shared_store_reads_as_the_folder_and_settings_ac
     import redis
 
     from conftest import RECORDS_PORT
-    from worker.blobs import RedisBlobs
+    from contract.blobs import RedisBlobs
 
     r = redis.Redis(port=RECORDS_PORT, db=12)
     r.flushdb()

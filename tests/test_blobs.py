@@ -1,4 +1,4 @@
-"""Blobs (model/blobs.py, worker/blobs.py): the folder and the Redis store keep the same contract;
+"""Blobs (model/blobs.py, contract/blobs.py): the folder and the Redis store keep the same contract;
 Redis values are chunked, replaced whole, and missing when any part of them was evicted."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import redis
 
 from conftest import CACHE_PORT, RECORDS_PORT
+from contract.blobs import RedisBlobs
 from model.blobs import BlobError, Folder
-from worker.blobs import RedisBlobs
 
 DB = 10
 

@@ -1,4 +1,4 @@
-"""worker/broker.py and worker/celery_app.py: a message its worker never acknowledged comes back
+"""contract/broker.py and contract/queues.py: a message its worker never acknowledged comes back
 after its own queue's visibility timeout: an adaptation's after the adaptation limit (+10 min), not
 after meta-training's 6 h; and any worker may start without touching the others' messages."""
 
@@ -12,7 +12,7 @@ import redis
 from kombu import Connection
 
 from conftest import RECORDS_PORT, ROOT, settings
-from worker.celery_app import make_celery, queue, visibility
+from contract.queues import make_celery, queue, visibility
 
 URL = f"redis://127.0.0.1:{RECORDS_PORT}/8"  # a database no worker consumes
 
@@ -35,14 +35,14 @@ def test_a_message_lost_with_its_worker_comes_back_after_its_roles_timeout(redis
         celery.send_task("worker.tasks.adapt", args=["t", "r"], queue=adapt)
         celery.send_task("worker.tasks.meta_train", args=["j"], queue=meta)
         # A consumer takes both without acknowledging, then dies without any cleanup.
-        take = ("import os; from kombu import Connection; c = Connection(%r, transport='worker.broker:Transport', "
+        take = ("import os; from kombu import Connection; c = Connection(%r, transport='contract.broker:Transport', "
                 "transport_options=%r); ch = c.default_channel; "
                 "assert ch.basic_get(%r, no_ack=False) and ch.basic_get(%r, no_ack=False); os._exit(0)"
                 ) % (URL, options, adapt.name, meta.name)
         subprocess.run([sys.executable, "-c", take], cwd=ROOT, check=True, timeout=60)
         assert db.llen(adapt.name) == db.llen(meta.name) == 0 and db.hlen("unacked") == 2
         time.sleep(1.5)
-        with Connection(URL, transport="worker.broker:Transport", transport_options=options) as c:
+        with Connection(URL, transport="contract.broker:Transport", transport_options=options) as c:
             c.default_channel.qos.restore_visible(num=10)
         assert db.llen(adapt.name) == 1 and db.llen(meta.name) == 0 and db.hlen("unacked") == 1
     finally:

@@ -13,9 +13,9 @@ import redis
 import torch
 
 from conftest import RECORDS_PORT
+from contract.blobs import RedisBlobs
 from model import checkpoints
 from model.adapt import AdamState
-from worker.blobs import RedisBlobs
 
 DB = 11
 ROOT = Path(__file__).resolve().parents[1]

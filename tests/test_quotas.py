@@ -38,8 +38,8 @@ def test_stored_weights_are_bounded_per_tenant(service):
     assert f"over the limit of {LIMIT} bytes" in ends[failed[0]]["error"]
     held = store.usage("tenant-a", "weights_bytes")
     assert 300_000 < held <= LIMIT and held == store.task(ready[0])["weights_bytes"]
-    from worker.blobs import weights_cache
-    from worker.store import task_weights_key
+    from contract.blobs import weights_cache
+    from contract.store import task_weights_key
 
     assert weights_cache(c.app.state.settings).get(task_weights_key(store.task(failed[0]))) is None  # not kept
 

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from conftest import KEY, OTHER_KEY, auth, sentiment, wait_status
-from worker.store import task_weights_key
+from contract.store import task_weights_key
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -94,7 +94,7 @@ def metric(client, name: str) -> float:
 
 
 def weights_head(client, task_id: str) -> str:
-    """The Redis key of the head of a task's weights in the cache (worker/blobs.py)."""
+    """The Redis key of the head of a task's weights in the cache (contract/blobs.py)."""
     return "ms:blob:" + task_weights_key(client.app.state.store.task(task_id))
 
 
@@ -194,7 +194,7 @@ def test_each_call_lands_in_exactly_one_queue(redis_servers):
     """A shared routing key would copy every message into all queues (and run everything thrice):
     adaptations and meta-training go to their configuration's queue, a prediction to one worker's."""
     from conftest import RECORDS_PORT, settings
-    from worker.celery_app import direct, make_celery, queue
+    from contract.queues import direct, make_celery, queue
 
     url = f"redis://127.0.0.1:{RECORDS_PORT}/7"  # a database no worker consumes
     celery = make_celery(settings(redis_url=url))

@@ -102,7 +102,7 @@ def test_cancel_queued_job(client, records):
                                     "state": "queued", "progress": {}, "metrics": {}, "cancel": False})
     r = client.post("/admin/jobs/queued-job/cancel", headers=ADMIN)
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
-    from worker.celery_app import queue
+    from contract.queues import queue
 
     result = client.app.state.celery.send_task("worker.tasks.meta_train", args=["queued-job"],
                                                queue=queue("meta", client.app.state.fingerprint))
@@ -130,7 +130,7 @@ def test_no_response_names_a_server_path(client):
     r = client.post("/admin/checkpoints/v0042-none/activate", headers=ADMIN)
     assert r.status_code == 404 and str(TMP) not in r.text, r.text
 
-    from worker.blobs import shared
+    from contract.blobs import shared
 
     registry, damaged = shared(client.app.state.settings), "v0901-damaged"  # a meta.json alone: no weights
     registry.put(f"checkpoints/{damaged}/meta.json", json.dumps({"id": damaged, "data_dir": str(TMP / "data")}).encode())

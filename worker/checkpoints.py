@@ -1,5 +1,5 @@
 """Glue to the meta-training checkpoint registry (model/checkpoints.py) for the API and the worker:
-the service's registry is the shared store (worker/blobs.py), so a checkpoint one worker trains is
+the service's registry is the shared store (contract/blobs.py), so a checkpoint one worker trains is
 listed by the API and loaded by every other worker, whatever machine each runs on."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from contract.blobs import shared
+from contract.store import Store
 from model import checkpoints as registry
 from model.adapt import AdamState
 from model.lm import LM, Params
 from model.settings import Settings
-from worker.blobs import shared
-from worker.store import Store
 
 CheckpointError = registry.CheckpointError
 inner_lr = registry.inner_lr

@@ -1,7 +1,7 @@
 """What one worker process holds: the model, loaded once, and an LRU of tasks' weights and prefixes.
 
 Weights are looked up in order: this process's LRU, then the blob stores every machine reaches
-(worker/blobs.py: adapted LoRA weights and full-mode deltas in the cache Redis under a key with the
+(contract/blobs.py: adapted LoRA weights and full-mode deltas in the cache Redis under a key with the
 configuration's fingerprint, imported adapters beside the records), then adapted again from the
 record's demonstrations, so an evicted task answers as if nothing happened. Nothing a task needs
 is on this machine's disk.
@@ -9,7 +9,6 @@ is on this machine's disk.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
@@ -17,42 +16,29 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from contract.blobs import shared, store_of, weights_cache
+from contract.config import fingerprint, model_lock, service_config
+from contract.store import BASE, Store, imported_key, task_weights_key, weights_key
 from model import weights
 from model.adapt import AdamState, Adapted, adapt, start_params
 from model.lm import LM, LoraSpec, Params
 from model.generation import Piece, Sampling, stream
-from model.loading import SMOLLM2, base_id, load_lm, load_tokenizer, model_folder
+from model.files import SMOLLM2, base_id, model_folder
+from model.loading import load_lm
 from model.prompts import Formatter, Row, longest
 from model.recipe import Recipe
 from model.scoring import Prediction, Prefix, encode_prefix, in_context, option_prior, predict
 from model.settings import Settings
 from model.task import Query, Task
 from worker import checkpoints
-from worker.blobs import shared, store_of, weights_cache
-from worker.config import fingerprint, service_config
-from worker.store import BASE, Store, imported_key, task_weights_key, weights_key
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def model_lock(data_dir: Path):
-    """Serialise the one-time GGUF conversion between the API, the worker and their restarts."""
-    path = Path(data_dir) / "models" / ".convert.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def prepare_model(s: Settings) -> None:
@@ -60,11 +46,6 @@ def prepare_model(s: Settings) -> None:
     if s.base_model != "tiny":
         with model_lock(s.data_dir):
             model_folder(s.base_model, s.data_dir)
-
-
-def tokenizer(s: Settings):
-    with model_lock(s.data_dir):
-        return load_tokenizer(s.base_model, s.data_dir)
 
 
 def lora_spec(s: Settings) -> LoraSpec:

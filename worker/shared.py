@@ -1,5 +1,5 @@
 """`python -m worker.shared`: put what the command-line tools made on one machine's disk into the
-service's shared store (worker/blobs.py, beside the records), where every worker reads it.
+service's shared store (contract/blobs.py, beside the records), where every worker reads it.
 
     python -m worker.shared bank class_to_class [more settings]   # a setting's tasks, for meta-training
     python -m worker.shared checkpoint v0003-maml-lora-class_to_class   # a checkpoint `model.meta_train` wrote
@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from contract.blobs import shared
 from model import checkpoints
 from model.bank.store import export, load_bank
 from model.settings import get_settings
-from worker.blobs import shared
 
 
 def main(argv: list[str] | None = None) -> None:

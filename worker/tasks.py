@@ -6,7 +6,7 @@ reply list the API waits on with BLPOP, so their results never need the result b
 mark the call taken by this process, so that the API, watching this process's heartbeat, sends
 the call to another worker within seconds when this one dies.
 
-Each process beats a heartbeat (worker/store.py WORKERS): its model and configuration
+Each process beats a heartbeat (contract/store.py WORKERS): its model and configuration
 fingerprint, its node (whose direct queue reaches it), its roles, and the run it is on. The API
 reads them to route calls (app/routing.py), for /readyz, and to queue again a run whose own
 worker stopped beating (app/adaptations.py).
@@ -30,16 +30,18 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import celeryd_after_setup, worker_process_init, worker_process_shutdown
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from contract.blobs import shared, store_of
+from contract.config import fingerprint, local_config
+from contract.queues import QUEUES, direct, queue
+from contract.records import job_config
+from contract.store import CANCEL, REPLY, Store, now, retrying, task_weights_key
 from model.generation import Sampling
 from model.prompts import PromptTooLong
 from model.settings import get_settings
 from model.task import Limits, Query
-from worker.blobs import shared, store_of
-from worker.celery_app import QUEUES, app, direct, queue
+from worker.celery_app import app
 from worker.checkpoints import CheckpointError
-from worker.config import fingerprint, local_config
 from worker.runtime import Misrouted, Refused, Runtime
-from worker.store import CANCEL, REPLY, Store, now, retrying, task_weights_key
 
 log = logging.getLogger(__name__)
 S = get_settings()
@@ -62,7 +64,7 @@ _parent = 0  # a pool child's Celery parent process (0: not a pool child)
 def _queues(sender: str, instance, **_: Any) -> None:
     """Replace the roles given with -Q by this worker's queues: `adapt.<fingerprint>` and
     `meta.<fingerprint>`, shared with the workers of the same configuration, and its direct
-    queue for the API's calls (worker/celery_app.py). In the parent, before the pool forks: the
+    queue for the API's calls (contract/queues.py). In the parent, before the pool forks: the
     children inherit NODE and ROLES; the fingerprint needs no model loaded (its files' hash)."""
     global NODE, ROLES
     NODE = sender
@@ -400,25 +402,11 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def job_config(job: dict[str, Any], strict: bool = False):
-    """The run's MetaTrainConfig; tagged with the job so a redelivered job can find its checkpoint.
-    strict: validated as the request's JSON is, where true is not 1 (the API checks requests so)."""
-    from model.meta_train import MetaTrainConfig
-
-    steps = job["hyperparameters"].get("steps")
-    steps = steps if isinstance(steps, int) else MetaTrainConfig.model_fields["steps"].default  # bad ones: the config says why
-    hp = {"save_every": max(1, steps // 10), **job["hyperparameters"]}  # a lost worker costs <= 10% of the run
-    fields = {**hp, "method": job["method"], "space": job["space"], "setting": job["setting"], "tag": f"job:{job['id']}"}
-    if strict:
-        return MetaTrainConfig.model_validate_json(json.dumps(fields), strict=True)
-    return MetaTrainConfig.of(S, **fields)
-
-
 @app.task(name="worker.tasks.meta_train", bind=True, time_limit=S.meta_train_time_limit_s,
           soft_time_limit=soft_limit(S.meta_train_time_limit_s))
 def meta_train(self, job_id: str) -> str:
     """Run a meta-training job, its checkpoints in the shared registry and its tasks from the bank
-    in the shared store (worker/blobs.py): any worker can run it, or continue it from its last
+    in the shared store (contract/blobs.py): any worker can run it, or continue it from its last
     checkpoint when the worker that ran it died (the API's reaper sends it again)."""
     from model import meta_train as mt
 
@@ -430,7 +418,7 @@ def meta_train(self, job_id: str) -> str:
     run = f"job:{job_id}"
     if job["state"] == "running" and job.get("worker") != ME and st.runs(job.get("worker"), run, S.worker_dead_after_s):
         return "running elsewhere"  # a redelivery while the first delivery is still running
-    cfg = job_config(job)
+    cfg = job_config(job, S)
     mine = [m for m in checkpoints_listing() if (m.get("config") or {}).get("tag") == cfg.tag and m.get("step", 0) > 0]
     if mine:  # a worker died mid-run: continue from the run's last checkpoint
         cfg = cfg.model_copy(update={"resume": mine[-1]["id"]})

@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
-from kombu.exceptions import OperationalError
-from pydantic import ValidationError
 
 from app import idempotency
-from app.adaptations import job_sender
-from app.idempotency import IdempotencyKey
 from app.bodies import StrictRoute
 from app.deps import CeleryDep, SettingsDep, StoreDep, admin
-from app.errors import ADMIN_ERRORS, invalid, invalid_from, public, public_values
+from app.errors import ADMIN_ERRORS, public, public_values
+from app.idempotency import IdempotencyKey
 from app.schemas import Checkpoint, Checkpoints, JobInfo, JobPage, JobState, MetaTrainRequest
-from model.bank.store import load_bank, setting_names
-from model.settings import Settings
-from worker import checkpoints
-from worker.blobs import shared
-from worker.store import BASE, now
-from worker.tasks import job_config
-
-# The service decides where checkpoints go, which model and device train, and how jobs are tagged.
-SERVICE_OWNED = {"data_dir", "device", "base_model", "tag", "method", "space", "setting", "prompt_format", "lora_r", "lora_alpha",
-                 "lora_targets", "lora_layers"}  # a checkpoint only loads on the model, prompt and LoRA layout it was made for
-
-def hyperparameters_schema() -> dict[str, Any]:
-    """The meta-training config's fields a request may set (closed: an unknown key is a 422)."""
-    from model.meta_train import MetaTrainConfig  # job_config's module: loaded with the worker glue already
-
-    full = MetaTrainConfig.model_json_schema()
-    return {"type": "object", "additionalProperties": False, "title": "Hyperparameters",
-            "description": "overrides of the meta-training config (model.meta_train.MetaTrainConfig)",
-            "properties": {k: v for k, v in full["properties"].items() if k not in SERVICE_OWNED}}
-
+from app.services import checkpoints, jobs
+from contract.store import now
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin)], responses=ADMIN_ERRORS,
                    route_class=StrictRoute)
@@ -56,28 +34,6 @@ def get_job_or_404(store, job_id: str) -> dict[str, Any]:
     return rec
 
 
-def check_bank(s: Settings, setting: str) -> None:
-    """A task-bank setting needs the setting's tasks in the service's shared store, where every
-    worker reads them: checked before a job exists, so a run never fails in the worker for want of
-    them (409 naming the commands that put them there)."""
-    if setting == "synthetic":
-        return
-    known = setting_names()
-    if setting not in known:
-        raise invalid(("body", "setting"), f"no setting {setting!r}; known: synthetic, {', '.join(known)}", "unknown_setting")
-    how = (f"build the bank on any machine (`python -m model.bank build`), then put the setting's tasks in the "
-           f"service's store with `python -m worker.shared bank {setting}` (with the service's MAMLSERVE_REDIS_URL)")
-    try:
-        bank = load_bank(shared(s))
-    except FileNotFoundError:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"the task bank is not in the service's store: {how}") from None
-    st = bank.setting(setting)
-    missing = [n for n in st.meta_train + st.held_out if n not in bank.manifest["tasks"]]
-    if missing:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"the task bank in the service's store lacks {len(missing)} of the "
-                            f"tasks of setting {setting!r} (such as {missing[0]!r}): {how}")
-
-
 @router.post("/meta-train", status_code=status.HTTP_202_ACCEPTED, response_model=JobInfo)
 def meta_train(body: MetaTrainRequest, request: Request, response: Response, s: SettingsDep, store: StoreDep,
                celery: CeleryDep, idempotency_key: IdempotencyKey = None) -> JobInfo:
@@ -86,7 +42,7 @@ def meta_train(body: MetaTrainRequest, request: Request, response: Response, s: 
     409 when the setting needs the task bank and this server has not built it, or when the
     Idempotency-Key was used with another body."""
     def run() -> idempotency.Answer:
-        job = start_job(body, request, s, store, celery)
+        job = job_info(jobs.start_job(body, s, store, celery, request.app.state.fingerprint), request)
         return 202, job.model_dump(mode="json"), {"Location": job.status_url}
 
     code, out, headers = idempotency.once(store, "admin", idempotency_key, body.model_dump(mode="json"),
@@ -94,27 +50,6 @@ def meta_train(body: MetaTrainRequest, request: Request, response: Response, s: 
     response.status_code = code
     response.headers.update(headers)
     return JobInfo.model_validate(out)
-
-
-def start_job(body: MetaTrainRequest, request: Request, s: Settings, store, celery) -> JobInfo:
-    job_id = uuid.uuid4().hex
-    for key in body.hyperparameters:
-        if key in SERVICE_OWNED:
-            raise invalid(("body", "hyperparameters", key), f"{key} is set by the service, not per job", "not_allowed")
-    try:  # the config the worker will build, checked now rather than failing in the queue
-        job_config({**body.model_dump(), "id": job_id}, strict=True)
-    except ValidationError as e:
-        raise invalid_from(e, ("body", "hyperparameters")) from e
-    check_bank(s, body.setting)
-    fp = request.app.state.fingerprint  # the workers of this configuration train it
-    store.create_job(job_id, {**body.model_dump(), "state": "queued", "progress": {}, "metrics": {}, "cancel": False,
-                              "fingerprint": fp})
-    try:
-        job_sender(celery, fp)(job_id, fp)
-    except OperationalError as e:
-        store.update_job(job_id, state="failed", error=f"could not enqueue: {e}")
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the task queue is unavailable ({e}); retry") from e
-    return job_info(store.job(job_id), request)
 
 
 @router.get("/jobs", response_model=JobPage)
@@ -136,14 +71,7 @@ def get_job(job_id: str, request: Request, store: StoreDep) -> JobInfo:
 @router.post("/jobs/{job_id}/cancel", response_model=JobInfo)
 def cancel_job(job_id: str, request: Request, store: StoreDep) -> JobInfo:
     """A queued job is cancelled at once; a running one stops at its next step (a checkpoint it saved stays)."""
-    rec = get_job_or_404(store, job_id)
-    if rec["state"] == "queued":
-        store.update_job(job_id, state="cancelled", cancel=True)
-    elif rec["state"] == "running":
-        store.update_job(job_id, cancel=True)
-    else:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is already {rec['state']}")
-    return job_info(store.job(job_id), request)
+    return job_info(jobs.cancel_job(store, get_job_or_404(store, job_id)), request)
 
 
 @router.get("/checkpoints", response_model=Checkpoints)
@@ -156,14 +84,5 @@ def list_checkpoints(s: SettingsDep, store: StoreDep) -> Checkpoints:
 @router.post("/checkpoints/{ckpt_id}/activate", response_model=Checkpoints)
 def activate_checkpoint(ckpt_id: str, s: SettingsDep, store: StoreDep) -> Checkpoints:
     """New tasks start from this checkpoint unless they name one; `base` goes back to the base model."""
-    if ckpt_id != BASE:
-        try:
-            meta = checkpoints.meta(s, ckpt_id)
-        except checkpoints.CheckpointError as e:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, public(str(e))) from e
-        trained_on = (meta.get("base_model") or {}).get("name")
-        if trained_on != s.base_model:
-            raise HTTPException(status.HTTP_409_CONFLICT,
-                                f"checkpoint {ckpt_id} was trained on {trained_on!r}; this service runs {s.base_model!r}")
-    store.set_active_checkpoint(ckpt_id)
+    jobs.activate_checkpoint(s, store, ckpt_id)
     return list_checkpoints(s, store)

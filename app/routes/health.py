@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from app.bodies import StrictRoute
 from app.deps import SettingsDep, StoreDep
-from worker.config import differences
+from contract.config import differences
 
 router = APIRouter(tags=["health"], route_class=StrictRoute)
 

@@ -30,6 +30,7 @@ from app.deps import SettingsDep, StoreDep, TenantDep
 from app.errors import V1_ERRORS, ApiError, openai_error, public
 from app.limits import predict_tokens
 from app.routing import task_fingerprint
+from contract.queues import GENERATE
 from model.settings import Settings
 from model.task import Limits, Query
 
@@ -261,7 +262,7 @@ async def _answers(call: Call, request: Request) -> AsyncIterator[tuple[int, dic
                       "finish": "stop", "scores": p["scores"]}
         return
     for i, q in enumerate(call.queries):
-        async for piece in state.router.stream(route, "worker.tasks.generate", [call.rec["id"], q.input, call.sampling()]):
+        async for piece in state.router.stream(route, GENERATE, [call.rec["id"], q.input, call.sampling()]):
             yield i, piece
 
 

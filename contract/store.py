@@ -2,8 +2,8 @@
 
 A task record is a hash holding the request (demonstrations included), its status and its
 progress; its id is derived from the tenant, the request's content and the service's
-configuration fingerprint (worker/config.py), so the same request from the same tenant finds the
-same record. Weights are blobs (worker/blobs.py), never files: adapted ones (LoRA and full mode)
+configuration fingerprint (contract/config.py), so the same request from the same tenant finds the
+same record. Weights are blobs (contract/blobs.py), never files: adapted ones (LoRA and full mode)
 in the cache Redis under a key with the fingerprint (they may be evicted: adapted again),
 imported adapters beside the records (nothing could make them again). A record holds the key.
 """

@@ -11,10 +11,14 @@ differs from the API's, and how.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from model.files import model_sha256
 from model.settings import Settings
 
 
@@ -44,8 +48,18 @@ def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
 def local_config(s: Settings) -> dict[str, Any]:
     """This machine's configuration: the settings and the base model's sha256 (its files' hash,
     memoised; converting the GGUF once, under the same lock as the worker's preparation)."""
-    from model.loading import model_sha256
-    from worker.runtime import model_lock
-
     with model_lock(s.data_dir):
         return service_config(s, model_sha256(s.base_model, s.data_dir))
+
+
+@contextmanager
+def model_lock(data_dir: Path):
+    """Serialise the one-time GGUF conversion between the API, the worker and their restarts."""
+    path = Path(data_dir) / "models" / ".convert.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
