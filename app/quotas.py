@@ -68,16 +68,16 @@ class OverQuota(Exception):
         self.detail, self.retry_after_s, self.status = detail, retry_after_s, status
 
 
-def check_weights(store: Store, tenant: str, mode: str, limit: int, more: int | None = None) -> None:
+def check_weights(store: Store, tenant: str, space: str, limit: int, more: int | None = None) -> None:
     """A new adaptation (or an import of `more` bytes) needs room under the tenant's stored-weights
-    quota, for weights the size of the last ones stored in its mode. The worker enforces the quota
+    quota, for weights the size of the last ones stored in its space. The worker enforces the quota
     exactly, when it stores them; this refuses early what it would refuse."""
-    used, more = store.usage(tenant, "weights_bytes"), store.weights_size(mode) if more is None else more
+    used, more = store.usage(tenant, "weights_bytes"), store.weights_size(space) if more is None else more
     if more > limit:
-        raise OverQuota(f"a task in mode {mode} holds about {more} bytes of weights; the limit on a tenant's stored "
+        raise OverQuota(f"a task in space {space} holds about {more} bytes of weights; the limit on a tenant's stored "
                         f"weights is {limit} (max_weights_bytes)", retry_after_s=None, status=413)
     if used + more > limit:
-        raise OverQuota(f"this tenant's tasks hold {used} bytes of adapted weights and a task in mode {mode} adds "
+        raise OverQuota(f"this tenant's tasks hold {used} bytes of adapted weights and a task in space {space} adds "
                         f"about {more}; the limit is {limit} (max_weights_bytes): delete tasks (DELETE /tasks/{{id}}) "
                         "to make room", retry_after_s=None)
 

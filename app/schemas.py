@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from contract.records import JobState, TaskStatus
 from model.task import Query, Task
@@ -38,7 +38,10 @@ class Adaptation(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON's true is not 1
 
-    mode: Literal["lora", "full", "none"] | None = Field(None, description="lora | full | none (in context only); default lora")
+    space: Literal["lora", "full", "none"] | None = Field(
+        None, validation_alias=AliasChoices("space", "mode"),
+        description="the parameters adapted: lora | full | none (in context only); default lora. `mode`, its old name, "
+        "is accepted too")
     epochs: float | None = Field(None, ge=0, le=1000, description="passes over the demonstrations; default: the recipe's")
     steps: int | None = Field(None, ge=0, description="exact number of Adam steps (overrides epochs); at most the setting adapt_max_steps")
     lr: float | None = Field(None, gt=0, le=1, description="learning rate; default: the checkpoint's meta-training inner lr "
@@ -57,7 +60,7 @@ class TaskCreate(Task):
             {"input": "I want my money back", "output": "negative"},
         ],
         "options": ["positive", "negative"],
-        "adaptation": {"mode": "lora"},
+        "adaptation": {"space": "lora"},
     }]})
 
     adaptation: Adaptation = Field(default_factory=Adaptation)
@@ -88,7 +91,8 @@ class TaskInfo(BaseModel):
     status: Status
     status_url: str
     error: str | None = None
-    mode: str
+    space: str = Field(description="the parameters adapted: lora | full | none (in context only)")
+    mode: str = Field(description="the same as space, under its old name (kept for clients that read it)")
     steps: int
     epochs: float
     lr: float

@@ -132,7 +132,8 @@ def tasks_create(
                                                    "they repeat")] = None,
     generation: Annotated[bool, typer.Option("--generation", help="free text: no options")] = False,
     instruction: Annotated[Optional[str], typer.Option()] = None,
-    mode: Annotated[Optional[str], typer.Option(help="lora | full | none (in context only)")] = None,
+    space: Annotated[Optional[str], typer.Option("--space", "--mode", help="the parameters adapted: lora | full | none "
+                                                 "(in context only); --mode is its old name")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Adam steps (default: the recipe's)")] = None,
     epochs: Annotated[Optional[float], typer.Option()] = None,
     lr: Annotated[Optional[float], typer.Option()] = None,
@@ -145,7 +146,7 @@ def tasks_create(
     if options is None and not generation:
         typer.echo(f"options: {', '.join(opts)} (from the outputs)" if opts else
                    "no repeated outputs: a generation task (give --options for a label set)", err=True)
-    adaptation = {k: v for k, v in {"mode": mode, "steps": steps, "epochs": epochs, "lr": lr}.items() if v is not None}
+    adaptation = {k: v for k, v in {"space": space, "steps": steps, "epochs": epochs, "lr": lr}.items() if v is not None}
     with client() as c:
         try:
             task = c.create_task(rows, opts, instruction, adaptation or None, checkpoint)
@@ -154,7 +155,7 @@ def tasks_create(
                 task = _wait(c, task)
         except MamlserveError as e:
             fail(str(e))
-    typer.echo(f"{task['status']}: mode {task['mode']}, {task['steps']} steps, checkpoint {task['checkpoint']}", err=True)
+    typer.echo(f"{task['status']}: space {task['space']}, {task['steps']} steps, checkpoint {task['checkpoint']}", err=True)
 
 
 @tasks_app.command("import")
@@ -174,11 +175,11 @@ def tasks_import(adapter: Annotated[Path, typer.Argument(help="a PEFT adapter fo
 
 @tasks_app.command("list")
 def tasks_list(status: Annotated[Optional[list[str]], typer.Option(help="queued | adapting | ready | failed")] = None) -> None:
-    """Your tasks, newest first: id, status, mode, steps."""
+    """Your tasks, newest first: id, status, space, steps."""
     with client() as c:
         try:
             for t in c.iter_tasks(status):
-                typer.echo(f"{t['id']}\t{t['status']}\t{t['mode']}\t{t['progress']['step']}/{t['steps']}")
+                typer.echo(f"{t['id']}\t{t['status']}\t{t['space']}\t{t['progress']['step']}/{t['steps']}")
         except MamlserveError as e:
             fail(str(e))
 

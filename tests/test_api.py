@@ -116,6 +116,17 @@ def test_bad_task_is_422_naming_field_and_limit(client, body, loc, message):
     assert any(".".join(map(str, e["loc"])).startswith(loc) and message in e["msg"] for e in errors), errors
 
 
+def test_space_is_the_field_and_mode_its_alias(client):
+    """lora/full/none is `space` (`mode`, its old name, is accepted); a task says both."""
+    by_space = client.post("/tasks", json={**sentiment(tag="space"), "adaptation": {"space": "none"}}, headers=auth())
+    by_mode = client.post("/tasks", json={**sentiment(tag="space"), "adaptation": {"mode": "none"}}, headers=auth())
+    assert by_space.status_code == 202 and by_mode.status_code == 200, (by_space.text, by_mode.text)
+    assert by_mode.json()["id"] == by_space.json()["id"]  # the same task either way
+    assert by_space.json()["space"] == by_space.json()["mode"] == "none"
+    r = client.post("/tasks", json={**sentiment(), "adaptation": {"space": "sideways"}}, headers=auth())
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "space", r.text
+
+
 def test_bad_predict_is_4xx_with_message(client):
     tid = client.post("/tasks", json={**sentiment(tag="badpredict"), "adaptation": {"mode": "none"}}, headers=auth()).json()["id"]
     cases = [

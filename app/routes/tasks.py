@@ -31,7 +31,7 @@ router = APIRouter(prefix="/tasks", tags=["tasks"], route_class=StrictRoute)
 def info(rec: dict[str, Any], request: Request) -> TaskInfo:
     return TaskInfo(
         id=rec["id"], status=rec["status"], status_url=str(request.url_for("get_task", task_id=rec["id"])),
-        error=public(rec.get("error")), mode=rec["mode"], steps=rec["steps"], epochs=rec.get("epochs", 0.0), lr=rec["lr"],
+        error=public(rec.get("error")), space=rec["mode"], mode=rec["mode"], steps=rec["steps"], epochs=rec.get("epochs", 0.0), lr=rec["lr"],
         recipe=rec.get("recipe") or {}, checkpoint=rec["checkpoint"], imported=bool(rec.get("imported")),
         usage=TaskUsage(adapt_seconds=rec.get("adapt_seconds")),
         progress=Progress(step=rec.get("step", 0), steps=rec.get("n_steps", rec["steps"]), epoch=rec.get("epoch", 0.0),

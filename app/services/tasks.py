@@ -50,11 +50,11 @@ def resolve_checkpoint(s, store, requested: str | None) -> str:
     return requested
 
 
-def resolve_recipe(s, a: Adaptation, mode: str, ckpt_lr: float | None) -> Recipe:
+def resolve_recipe(s, a: Adaptation, space: str, ckpt_lr: float | None) -> Recipe:
     """The task's recipe: the default, the operator's overrides, then the request's fields. In
-    context (mode none) nothing is trained and every demonstration that fits is shown."""
+    context (space none) nothing is trained and every demonstration that fits is shown."""
     recipe = DEFAULT.but(**s.adapt_recipe)
-    if mode == "none":
+    if space == "none":
         return recipe.but(epochs=0, min_steps=0, predict_demos=None)
     lr = a.lr or ckpt_lr
     if lr is not None:
@@ -66,12 +66,12 @@ def resolve_recipe(s, a: Adaptation, mode: str, ckpt_lr: float | None) -> Recipe
     return recipe
 
 
-def checkpoint_lr(s, ckpt: str, mode: str) -> float | None:
+def checkpoint_lr(s, ckpt: str, space: str) -> float | None:
     """A meta-trained checkpoint adapts with its meta-training inner lr in its own space."""
     if ckpt == BASE:
         return None
     try:
-        return checkpoints.inner_lr(checkpoints.meta(s, ckpt), mode)
+        return checkpoints.inner_lr(checkpoints.meta(s, ckpt), space)
     except checkpoints.CheckpointError:  # the active one was deleted: the worker says so when it loads it
         return None
 
@@ -90,9 +90,9 @@ def create_or_reuse(body: TaskCreate, who: str, s: Settings, store: Store, celer
     """The task record for this request, adapting it (enqueued) when it is new or failed; and whether it is new."""
     task = checked_task(body, s, count_tokens)
     a = body.adaptation
-    mode = a.mode or s.adapt_mode
+    space = a.space or s.adapt_mode
     ckpt = resolve_checkpoint(s, store, body.checkpoint)
-    recipe = resolve_recipe(s, a, mode, checkpoint_lr(s, ckpt, mode))
+    recipe = resolve_recipe(s, a, space, checkpoint_lr(s, ckpt, space))
     steps = recipe.steps_for(len(task.demonstrations))
     if steps > s.adapt_max_steps:
         if a.steps is not None:
@@ -100,28 +100,29 @@ def create_or_reuse(body: TaskCreate, who: str, s: Settings, store: Store, celer
         raise invalid(("body", "adaptation", "epochs"), f"{recipe.epochs:g} epochs of {len(task.demonstrations)} demonstrations "
                       f"in batches of {recipe.batch_size} are {steps} steps; the limit is {s.adapt_max_steps}", "too_many_steps")
     epochs = recipe.epochs_for(len(task.demonstrations))
-    spec = {"task": task.model_dump(exclude_none=True), "mode": mode, "recipe": recipe.to_dict(), "steps": steps,
-            "epochs": epochs, "lr": recipe.lr_for("full" if mode == "full" else "lora"), "seed": a.seed,
+    # the record keeps the field's old name, `mode`: it is hashed into the task id, and stored tasks are found by it
+    spec = {"task": task.model_dump(exclude_none=True), "mode": space, "recipe": recipe.to_dict(), "steps": steps,
+            "epochs": epochs, "lr": recipe.lr_for("full" if space == "full" else "lora"), "seed": a.seed,
             "checkpoint": ckpt, "base_model": s.base_model, "prompt_format": s.prompt_format}
     spec["fingerprint"] = fp = fingerprint  # the configuration its weights belong to
     digest = content_hash(who, spec)
     task_id = digest[:32]
     existing = store.task(task_id)
-    if mode != "none" and (existing is None or existing["status"] == "failed"):  # a run to come stores weights
-        check_weights(store, who, mode, s.max_weights_bytes)
+    if space != "none" and (existing is None or existing["status"] == "failed"):  # a run to come stores weights
+        check_weights(store, who, space, s.max_weights_bytes)
         check_adapt_seconds(store, who, s.max_adapt_seconds_per_hour)
     run = new_run()
     created = store.create_task(task_id, who, {
-        **spec, "hash": digest, "status": "ready" if mode == "none" else "queued", "step": 0, "n_steps": steps,
-        "attempts": 0, "completions": 0, "enqueued": mode == "none", "run": run, "queued_at": now(),
-        **({"adapt_seconds": 0.0} if mode == "none" else {}),
+        **spec, "hash": digest, "status": "ready" if space == "none" else "queued", "step": 0, "n_steps": steps,
+        "attempts": 0, "completions": 0, "enqueued": space == "none", "run": run, "queued_at": now(),
+        **({"adapt_seconds": 0.0} if space == "none" else {}),
     }, max_tasks=s.max_tasks)
     if created is None:
         raise too_many_tasks(s.max_tasks)
     rec = store.task(task_id)
     # A new task is enqueued, and one that failed runs again; one its creator could not enqueue
     # (the broker was down, or the request died) is the reaper's.
-    if mode != "none" and (created or rec["status"] == "failed"):
+    if space != "none" and (created or rec["status"] == "failed"):
         send = sender(celery, fp)
         try:
             if created:
