@@ -1,6 +1,6 @@
 """The checkpoint registry read without torch: which checkpoints exist and each one's meta.json, as
-the API lists and checks them. model/checkpoints.py writes checkpoints and loads their tensors
-(its read side repeats this one; it should import it from here)."""
+the API lists and checks them. model/checkpoints.py (which re-exports these) writes checkpoints and
+loads their tensors."""
 
 from __future__ import annotations
 
@@ -26,8 +26,18 @@ def _meta_key(ckpt_id: str) -> str:
     return f"{ckpt_id}/{META}"
 
 
+def registry(where: Path | Blobs) -> Blobs:
+    return blobs_at(where).under("checkpoints")
+
+
+def ids(where: Path | Blobs) -> list[str]:
+    """Every allocated id (complete or not), oldest version first."""
+    found = {k.split("/", 1)[0] for k in registry(where).keys()}
+    return sorted((i for i in found if _ID.match(i)), key=lambda i: int(_ID.match(i).group(1)))
+
+
 def read_meta(where: Path | Blobs, ckpt_id: str) -> dict[str, Any]:
-    reg = blobs_at(where).under("checkpoints")
+    reg = registry(where)
     raw = reg.get(_meta_key(ckpt_id))
     if raw is None:
         raise CheckpointError(f"no checkpoint {ckpt_id!r} in {reg.where}")
@@ -36,10 +46,8 @@ def read_meta(where: Path | Blobs, ckpt_id: str) -> dict[str, Any]:
 
 def list_checkpoints(where: Path | Blobs) -> list[dict[str, Any]]:
     """Every complete checkpoint's meta, oldest version first (one without a readable meta.json is skipped)."""
-    reg = blobs_at(where).under("checkpoints")
-    ids = sorted({i for i in (k.split("/", 1)[0] for k in reg.keys()) if _ID.match(i)},
-                 key=lambda i: int(_ID.match(i).group(1)))
-    metas = [reg.get(_meta_key(i)) for i in ids]
+    reg = registry(where)
+    metas = [reg.get(_meta_key(i)) for i in ids(where)]
     return [m for m in (_json_or_none(raw) for raw in metas if raw is not None) if m is not None]
 
 

@@ -8,7 +8,7 @@
                              Adam t/betas/eps, status, log history, evaluation results
 
 The registry is a `model.blobs.Blobs`: a data dir (`Folder`, what the command-line tools use:
-data_dir/checkpoints/<id>/...) or the service's shared store (`worker.blobs.RedisBlobs`), so a
+data_dir/checkpoints/<id>/...) or the service's shared store (`contract.blobs.RedisBlobs`), so a
 checkpoint one machine trains is loaded by any other. Every function takes either a path (the
 data dir) or a store. Ids are "v<NNNN>-<method>-<space>-<setting>"; a version is allocated by
 creating its `allocated` key only when absent, so two runs never share an id. Each value is
@@ -32,28 +32,22 @@ from torch import Tensor
 
 from model import weights
 from model.adapt import AdamState
-from model.blobs import Blobs, blobs_at
+from model.blobs import Blobs
+# the read side, torch-free for the API (re-exported: callers use model.checkpoints for both)
+from model.checkpoint_meta import (  # noqa: F401
+    _ID, META, CheckpointError, ids, inner_lr, list_checkpoints, read_meta, registry,
+)
 from model.lm import LM, Params
 from model.settings import SHIPPED_DIR
 
 FORMAT = "mamlserve-checkpoint-1"
 PARAMS = "params.safetensors"
 ADAM = "adam.safetensors"
-META = "meta.json"
 ALLOCATED = "allocated"
-_ID = re.compile(r"^v(\d{4,})-[A-Za-z0-9_.-]+$")
 Where = Path | Blobs  # a data dir, or a store whose keys start at checkpoints/
 # Checkpoints that ship with the service (model/shipped/checkpoints/<id>/, with the files' sha256
 # in meta.json): a worker verifies the one made for its base model and installs it (worker/checkpoints.py).
 SHIPPED = SHIPPED_DIR
-
-
-class CheckpointError(ValueError):
-    """No such checkpoint, a damaged one, or one made for another base model."""
-
-
-def registry(where: Where) -> Blobs:
-    return blobs_at(where).under("checkpoints")
 
 
 def _key(ckpt_id: str, name: str) -> str:
@@ -64,12 +58,6 @@ def _key(ckpt_id: str, name: str) -> str:
 
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "_", s).strip("_") or "x"
-
-
-def ids(where: Where) -> list[str]:
-    """Every allocated id (complete or not), oldest version first."""
-    found = {k.split("/", 1)[0] for k in registry(where).keys()}
-    return sorted((i for i in found if _ID.match(i)), key=lambda i: int(_ID.match(i).group(1)))
 
 
 def new_id(where: Where, method: str, space: str, setting: str) -> str:
@@ -99,14 +87,6 @@ def save(where: Where, ckpt_id: str, params: Mapping[str, Tensor], state: AdamSt
     }
     reg.put(_key(ckpt_id, META), _json(meta))
     return ckpt_id
-
-
-def read_meta(where: Where, ckpt_id: str) -> dict[str, Any]:
-    reg = registry(where)
-    raw = reg.get(_key(ckpt_id, META))
-    if raw is None:
-        raise CheckpointError(f"no checkpoint {ckpt_id!r} in {reg.where}")
-    return json.loads(raw)
 
 
 def update_meta(where: Where, ckpt_id: str, **fields: Any) -> dict[str, Any]:
@@ -142,21 +122,6 @@ def load(where: Where, ckpt_id: str, device: torch.device | str = "cpu", dtype: 
         int(adam.get("t", 0)), tuple(adam.get("betas", (0.9, 0.999))), float(adam.get("eps", 1e-8)),
     )
     return params, state, meta
-
-
-def list_checkpoints(where: Where) -> list[dict[str, Any]]:
-    """Every complete checkpoint's meta, oldest version first (one without meta.json is skipped)."""
-    reg = registry(where)
-    found = []
-    for ckpt_id in ids(where):
-        raw = reg.get(_key(ckpt_id, META))
-        if raw is None:
-            continue
-        try:
-            found.append(json.loads(raw))
-        except ValueError:  # a damaged meta.json: not listed rather than breaking the listing
-            continue
-    return found
 
 
 def copy(src: Where, dst: Where, ckpt_id: str) -> None:
@@ -214,13 +179,6 @@ def verify(where: Where, ckpt_id: str, lm: LM) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {ckpt_id}: its parameters do not fit the model ({len(wrong)} differ, "
                               f"e.g. {wrong[0]})")
     return meta
-
-
-def inner_lr(meta: Mapping[str, Any], mode: str) -> float | None:
-    """The lr a checkpoint was meta-trained to be adapted with, when adapting in its own space:
-    a meta-learned initialisation is tuned to that step size, and the default one can undo it."""
-    lr = meta.get("hyperparameters", {}).get("inner_lr")
-    return float(lr) if lr and meta.get("space") == mode else None
 
 
 def lora_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
