@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -208,6 +209,33 @@ def support_episodes(demos: Sequence[Example], steps: int, batch_size: int, cont
     return episodes
 
 
+Gradient = Callable[[Params, Any], tuple[Params, Tensor]]  # (params, batch) -> (d loss / d params, loss)
+
+
+def adam_steps(gradient: Gradient, params: Params, batches: Sequence[Any], lr: float, state: AdamState, order: int,
+               on_step: Callable[[int, int, Tensor], None] | None = None) -> tuple[Params, AdamState, list[Tensor]]:
+    """The inner loop itself: one Adam step per batch down `gradient`'s loss; returns the params,
+    the moments and each step's loss (detached tensors).
+
+    order 0: each step starts from detached params, no graph kept; 1: the gradients are constants
+    (first order); 2: the graph runs through every step. It never syncs with the host nor marks a
+    tensor for autograd, so one loop serves both: `inner_loop` hands it `torch.autograd.grad`, and
+    meta-training's batched step (`model.meta.batching`) `torch.func.grad_and_value` under `vmap`.
+    """
+    losses = []
+    for batch in batches:
+        if order == 0:
+            params = {k: p.detach() for k, p in params.items()}
+        grads, value = gradient(params, batch)
+        if order < 2:
+            grads = {k: g.detach() for k, g in grads.items()}
+        params, state = adam_update(params, grads, state, lr)
+        losses.append(value.detach())
+        if on_step:
+            on_step(len(losses), len(batches), losses[-1])
+    return params, state, losses
+
+
 def inner_loop(
     lm: LM,
     fixed: Mapping[str, Tensor],
@@ -227,29 +255,25 @@ def inner_loop(
     lower: Lower | None = None,
 ) -> tuple[Params, AdamState, list[float]]:
     """Adapt `trainable` (on top of `fixed` overrides) with one Adam step per episode of `loss`
-    (`episode_loss`).
+    (`episode_loss`): `adam_steps` with gradients by `torch.autograd.grad`.
 
     order 0: test time (each step starts from detached leaves); 1: first-order; 2: second-order.
     """
-    state = state or AdamState()
-    losses = []
-    for i, ep in enumerate(episodes):
-        if order == 0:
-            trainable = {k: p.detach().requires_grad_() for k, p in trainable.items()}
-        value = episode_loss(lm, {**fixed, **trainable}, fmt, instruction, ep, options, loss, length_norm, prompt, prompt_grad,
+
+    def gradient(params: Params, ep: Episode) -> tuple[Params, Tensor]:
+        if order == 0:  # this step's own leaves
+            params = {k: p.detach().requires_grad_() for k, p in params.items()}
+        value = episode_loss(lm, {**fixed, **params}, fmt, instruction, ep, options, loss, length_norm, prompt, prompt_grad,
                              lower)
-        grads = torch.autograd.grad(value, list(trainable.values()), create_graph=order == 2, allow_unused=True)
-        grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(trainable.items(), grads)}
-        if order < 2:
-            grads = {k: g.detach() for k, g in grads.items()}
-        trainable, state = adam_update(trainable, grads, state, lr)
-        losses.append(value.item())
-        if on_step:
-            on_step(i + 1, len(episodes), losses[-1])
+        grads = torch.autograd.grad(value, list(params.values()), create_graph=order == 2, allow_unused=True)
+        return {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(params.items(), grads)}, value
+
+    report = (lambda i, n, value: on_step(i, n, value.item())) if on_step else None
+    trainable, state, values = adam_steps(gradient, trainable, episodes, lr, state or AdamState(), order, report)
     if order == 0:
         trainable = {k: p.detach() for k, p in trainable.items()}
         state = state.detached()
-    return trainable, state, losses
+    return trainable, state, [v.item() for v in values]
 
 
 @dataclass
