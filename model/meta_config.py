@@ -1,5 +1,5 @@
 """The meta-training config: what a run depends on, validated without torch, so the API checks a
-job's hyperparameters as the worker will build them (model/meta_train.py runs it)."""
+job's hyperparameters as the worker will build them (model/meta/ runs it)."""
 
 from __future__ import annotations
 
