@@ -58,10 +58,10 @@ class StrictJSONRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
-            small, field = self.scope.get("state", {}).get("body_limit", (None, None))
-            if small is not None and len(body) > small and f'"{field}"'.encode() not in body:
+            larger = self.scope.get("state", {}).get("body_limit")
+            if larger is not None and len(body) > larger.small and f'"{larger.field}"'.encode() not in body:
                 # a route that takes a larger body for one field (app/limits.py BodyLimit) got a large one without it
-                raise HTTPException(413, f"request body exceeds {small} bytes (max_request_bytes)")
+                raise HTTPException(413, f"request body exceeds {larger.small} bytes ({larger.small_what})")
             try:
                 self._json = loads(body)
             except ValueError as e:  # json.JSONDecodeError included

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from app.errors import is_v1, openai_error
 from model.task import Query
@@ -30,20 +30,30 @@ def predict_tokens(task: dict[str, Any], queries: list[Query], count_tokens: Cal
     return total
 
 
-class BodyLimit:
-    """413 for a body over max_bytes, or over the larger limit given for a route: (method, path) ->
-    (bytes, the field that may be large; POST /tasks may carry an adapter zip, base64-encoded). A
-    body of such a route over max_bytes without that field is refused when it is read
-    (app/bodies.py), from what this leaves in the request's state."""
+class Larger(NamedTuple):
+    """A route's own body limits: `bytes` in all (named `what`), and `small` (named `small_what`)
+    for a body without `field` (POST /tasks: demonstrations up to max_upload_bytes, and an adapter
+    zip, base64-encoded, beside them)."""
 
-    def __init__(self, app, max_bytes: int, larger: dict[tuple[str, str], tuple[int, str]] | None = None):
+    bytes: int
+    what: str
+    field: str
+    small: int
+    small_what: str
+
+
+class BodyLimit:
+    """413 for a body over max_bytes, or over the limits given for a route: (method, path) -> Larger.
+    A body of such a route over its small limit without its field is refused when it is read
+    (app/bodies.py; an upload, app/uploads.py), from what this leaves in the request's state."""
+
+    def __init__(self, app, max_bytes: int, larger: dict[tuple[str, str], Larger] | None = None):
         self.app = app
         self.max = max_bytes
         self.larger = larger or {}
 
-    async def _reject(self, scope, send, limit: int) -> None:
-        setting = "max_request_bytes" if limit == self.max else "max_request_bytes + max_adapter_bytes, base64-encoded"
-        message = f"request body exceeds {limit} bytes ({setting})"
+    async def _reject(self, scope, send, limit: int, what: str) -> None:
+        message = f"request body exceeds {limit} bytes ({what})"
         body = json.dumps(openai_error(413, message) if is_v1(scope["path"]) else {"detail": message}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -52,13 +62,14 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit, field = self.larger.get((scope["method"], scope["path"].rstrip("/")), (self.max, None))
-        if field is not None:
-            scope.setdefault("state", {})["body_limit"] = (self.max, field)
+        larger = self.larger.get((scope["method"], scope["path"].rstrip("/")))
+        limit, what = (larger.bytes, larger.what) if larger else (self.max, "max_request_bytes")
+        if larger is not None:
+            scope.setdefault("state", {})["body_limit"] = larger
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:  # the server holds the body to its declared length
             if not length.isdigit() or int(length) > limit:
-                return await self._reject(scope, send, limit)
+                return await self._reject(scope, send, limit, what)
             return await self.app(scope, receive, send)
         # Streamed without a length: read it here, at most max bytes, then hand it on.
         chunks, size, more = [], 0, True
@@ -69,7 +80,7 @@ class BodyLimit:
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             if size > limit:
-                return await self._reject(scope, send, limit)
+                return await self._reject(scope, send, limit, what)
             more = msg.get("more_body", False)
         body = b"".join(chunks)
         sent = False

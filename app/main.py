@@ -20,7 +20,7 @@ from app.errors import http_error, invalid_request, over_quota, respond
 from app.openapi import service_openapi
 from app.quotas import OverQuota, Quotas
 from app.watcher import StatusWatcher
-from app.limits import BodyLimit
+from app.limits import BodyLimit, Larger
 from app.routes import admin, health, predict, tasks, usage, v1
 from app.routing import Router
 from contract.config import fingerprint, local_config, model_lock
@@ -123,8 +123,9 @@ def create_app(s: Settings | None = None) -> FastAPI:
     app.add_exception_handler(OverQuota, over_quota)
     metrics.setup(app, app.state.store, s.env == "production" if s.metrics_need_key is None else s.metrics_need_key)
     adapter_b64 = 4 * -(-s.max_adapter_bytes // 3)
-    app.add_middleware(BodyLimit, max_bytes=s.max_request_bytes,
-                       larger={("POST", "/tasks"): (s.max_request_bytes + adapter_b64, "adapter")})
+    tasks_limit = Larger(s.max_upload_bytes + adapter_b64, "max_upload_bytes + max_adapter_bytes, base64-encoded",
+                         "adapter", s.max_upload_bytes, "max_upload_bytes")
+    app.add_middleware(BodyLimit, max_bytes=s.max_request_bytes, larger={("POST", "/tasks"): tasks_limit})
     return app
 
 

@@ -36,8 +36,13 @@ if old[1] and old[1] ~= ARGV[1] then
 end
 return 1
 """
-# Delete a value and its chunks. KEYS: head, index ('' for none). ARGV: key.
+# Delete a value and its chunks. KEYS: head, index ('' for none), refs ('' for none). ARGV: key,
+# member. With refs: drop member from that set first, and delete only when no member is left.
 _DELETE = """
+if KEYS[3] ~= '' then
+  redis.call('SREM', KEYS[3], ARGV[2])
+  if redis.call('SCARD', KEYS[3]) > 0 then return 0 end
+end
 local old = redis.call('HMGET', KEYS[1], 'v', 'n')
 if old[1] then
   for i = 0, tonumber(old[2]) - 1 do redis.call('DEL', KEYS[1] .. '@' .. old[1] .. '#' .. i) end
@@ -57,6 +62,7 @@ class RedisBlobs(Blobs):
         self.where = "the service's shared store"
         self._swap = r.register_script(_SWAP)
         self._delete = r.register_script(_DELETE)
+        self._hold = r.register_script("redis.call('SADD', KEYS[2], ARGV[1]) return redis.call('EXISTS', KEYS[1])")
 
     @classmethod
     def from_url(cls, url: str, **kw) -> RedisBlobs:
@@ -109,7 +115,19 @@ class RedisBlobs(Blobs):
         return None if got is None else int(got)
 
     def delete(self, key: str) -> None:
-        self._delete(keys=[self._head(key), self.index], args=[key])
+        self._delete(keys=[self._head(key), self.index, ""], args=[key, ""])
+
+    # A value that several holders share (content-addressed): each holder is a member of a set of
+    # references, added before the value is written and removed in the same script that deletes it,
+    # so a value is never deleted while a holder is between taking its reference and using it.
+    def hold(self, key: str, data: bytes, refs: str, member: str) -> None:
+        """Add member to the references of key, and store data under key unless it is there."""
+        if not int(self._hold(keys=[self._head(key), refs], args=[member])):
+            self._write(key, data, True)
+
+    def release(self, key: str, refs: str, member: str) -> bool:
+        """Drop member's reference; delete the value when it was the last one (True then)."""
+        return bool(self._delete(keys=[self._head(key), self.index, refs], args=[key, member]))
 
     def keys(self, prefix: str = "") -> list[str]:
         if not self.index:

@@ -19,7 +19,9 @@ class TaskRecord(TypedDict, total=False):
     id: str  # the first 32 hex digits of `hash`
     tenant: str
     hash: str  # content_hash(tenant, the fields below up to fingerprint): the same request finds the same task
-    task: dict[str, Any]  # model.task.Task as JSON: demonstrations, options, instruction
+    task: dict[str, Any]  # model.task.Task as JSON: options, instruction (and the demonstrations in records before demos_key)
+    demos_key: str  # the demonstrations' blob in the durable store (contract/demos.py); contract.demos.task_json reads them
+    n_demos: int
     mode: Literal["lora", "full", "none"]  # the parameter space adapted (the API's `space`); none: in context
     recipe: dict[str, Any]  # model.recipe.Recipe.to_dict()
     steps: int

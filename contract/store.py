@@ -1,7 +1,7 @@
 """Task and job records in the broker's Redis (AOF on, noeviction): shared by app/ and worker/.
 
-A task record is a hash holding the request (demonstrations included), its status and its
-progress; its id is derived from the tenant, the request's content and the service's
+A task record is a hash holding the request (its demonstrations by key: contract/demos.py), its
+status and its progress; its id is derived from the tenant, the request's content and the service's
 configuration fingerprint (contract/config.py), so the same request from the same tenant finds the
 same record. Weights are blobs (contract/blobs.py), never files: adapted ones (LoRA and full mode)
 in the cache Redis under a key with the fingerprint (they may be evicted: adapted again),

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"
 
     # --- task limits (validated on every task; 422 names the field and the limit)
-    max_demonstrations: int = 64
+    max_demonstrations: int = Field(5000, ge=1, description="per task, in a JSON body or an upload (413 beyond)")
     max_options: int = 32
     max_text_tokens: int = 256  # per input / output / option / instruction
     max_text_chars: int = 4000  # cheap guard before tokenizing
@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     metrics_need_key: bool | None = Field(None, description="/metrics answers only with the admin key in X-API-Key; "
                                           "None: so in production (env=production), open otherwise")
     max_request_bytes: int = 1_000_000
+    max_upload_bytes: int = Field(8_000_000, ge=1, description="POST /tasks: a body of demonstrations, JSON or an "
+                                  "upload (JSONL, CSV, multipart); 5,000 rows of ~1,500 characters (413 beyond)")
     max_predict_inputs: int = 64
     predict_wait_max_s: float = 60.0
     # per-tenant quotas (app/quotas.py): beyond them a 429 with Retry-After

@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 class Limits:
     """How large a task may be; the defaults are the service's default settings."""
 
-    max_demonstrations: int = 64
+    max_demonstrations: int = 5000
     max_options: int = 32
     max_text_tokens: int = 256
     max_text_chars: int = 4000

@@ -48,6 +48,7 @@ ENV = {
     "MAMLSERVE_ADAPT_MAX_STEPS": "60",
     "MAMLSERVE_WORKER_LRU_SIZE": "2",
     "MAMLSERVE_MAX_REQUEST_BYTES": "200000",
+    "MAMLSERVE_MAX_UPLOAD_BYTES": "2000000",
     "MAMLSERVE_PREDICT_TIMEOUT_S": "120",
     # A killed worker's task comes back after this (production: the longest time limit + 10 min).
     "MAMLSERVE_VISIBILITY_TIMEOUT_S": "4",

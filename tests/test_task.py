@@ -86,10 +86,10 @@ def test_unknown_field_rejected():
 def test_validate_task_applies_the_default_settings_limits_and_a_bare_parse_only_the_shape():
     # model/ reads no settings: its default Limits() must be the service's default ones
     assert Limits() == Limits.of(Settings.model_construct())
-    with pytest.raises(ValidationError, match="65 demonstrations; the limit is 64"):
-        validate_task({"demonstrations": [demo()] * 65})
+    with pytest.raises(ValidationError, match="5001 demonstrations; the limit is 5000"):
+        validate_task({"demonstrations": [demo()] * 5001})
     # without limits in the context (a request body's first parse, a stored record) sizes are not
     # checked, so an operator's raised limits are not refused before the one check that has them
-    assert len(Task(demonstrations=[demo()] * 65).demonstrations) == 65
+    assert len(Task(demonstrations=[demo()] * 5001).demonstrations) == 5001
     with pytest.raises(ValidationError, match="at least one demonstration"):
         Task(demonstrations=[])

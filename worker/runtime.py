@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from contract.blobs import shared, store_of, weights_cache
+from contract.demos import DemosGone, task_json
 from contract.config import fingerprint, model_lock, service_config
 from contract.store import BASE, Store, imported_key, task_weights_key, weights_key
 from model import weights
@@ -122,6 +123,7 @@ class Runtime:
         self.config = service_config(s, self.lm.sha256)
         self.fingerprint = fingerprint(self.config)
         self.lru: OrderedDict[str, Entry] = OrderedDict()
+        self.tasks: OrderedDict[str, Task] = OrderedDict()  # record hash -> its task, demonstrations read once
         self.ckpts: OrderedDict[str, tuple[Params, AdamState | None]] = OrderedDict()
         self.base = base_info(s, self.lm)
         try:  # before the first heartbeat: /readyz reports no worker until the shipped checkpoint is settled
@@ -144,6 +146,21 @@ class Runtime:
     def checkpoint(self, ckpt: str) -> Params:
         return self.checkpoint_state(ckpt)[0]
 
+    # --- tasks
+    def task(self, rec: dict[str, Any]) -> Task:
+        """The record's task, its demonstrations read from the store once per process (a record's
+        hash fixes its content, so the copy kept never goes stale)."""
+        got = self.tasks.get(rec["hash"])
+        if got is None:
+            try:
+                got = self.tasks[rec["hash"]] = Task.model_validate(task_json(self.s, rec))
+            except DemosGone as e:
+                raise Refused(str(e)) from None
+            while len(self.tasks) > 4 * max(1, self.s.worker_lru_size):
+                self.tasks.popitem(last=False)
+        self.tasks.move_to_end(rec["hash"])
+        return got
+
     # --- weights
     def _remember(self, digest: str, entry: Entry) -> Entry:
         self.lru[digest] = entry
@@ -162,7 +179,7 @@ class Runtime:
         return self.lm.lora_names if mode == "lora" else self.lm.full_names
 
     def run_adaptation(self, rec: dict[str, Any], on_step: Callable[[int, int, float], None] | None = None) -> Adapted:
-        task = Task.model_validate(rec["task"])
+        task = self.task(rec)
         ck, state = self.checkpoint_state(rec["checkpoint"])
         return adapt(
             self.lm, task, recipe_of(rec), mode=rec["mode"], start=ck or None, seed=rec.get("seed", 0),
@@ -215,7 +232,7 @@ class Runtime:
         ck = self.checkpoint(ckpt)
         if rec["mode"] == "none":
             recipe = recipe_of(rec)
-            task = Task.model_validate(rec["task"])
+            task = self.task(rec)
             prior = option_prior(self.lm, task, ck or None, recipe, self.fmt) if recipe.calibrate else None
             return self._remember(digest, Entry(dict(ck), {}, prior))
         got = self._blob(rec)
@@ -265,7 +282,7 @@ class Runtime:
         return prefix
 
     def predict(self, rec: dict[str, Any], queries: list[Query]) -> list[Prediction]:
-        task = Task.model_validate(rec["task"])
+        task = self.task(rec)
         recipe = recipe_of(rec)
         entry = self.ensure_weights(rec)
         n_new = self.s.max_new_tokens
@@ -283,7 +300,7 @@ class Runtime:
     def generate(self, rec: dict[str, Any], text: str, sp: Sampling,
                  stopped: Callable[[], bool] = lambda: False) -> Iterator[Piece]:
         """Generated text for one input, in pieces (model.generation.stream), with the task's weights and prefix."""
-        task = Task.model_validate(rec["task"])
+        task = self.task(rec)
         entry = self.ensure_weights(rec)
         ctx = self.fmt.row(text, "").ctx
         prefix = self._prefix(entry, task, recipe_of(rec), [Row(ctx, [0] * sp.max_tokens)])
@@ -335,7 +352,7 @@ class Runtime:
             raise weights.AdapterError(f"the adapter's files are unreadable: {type(e).__name__}: {e}") from None
         weights.check_base(cfg, info, self.base)
         lora = {k: v.to(self.lm.device) for k, v in weights.fit_lora(self.lm, cfg, tensors).items()}
-        recipe, task = recipe_of(rec), Task.model_validate(rec["task"])
+        recipe, task = recipe_of(rec), self.task(rec)
         ck = self.checkpoint(rec["checkpoint"])
         prior = option_prior(self.lm, task, {**ck, **lora}, recipe, self.fmt) if recipe.calibrate else None
         key, blob = imported_key(rec["hash"]), weights.to_bytes(lora, _meta(prior))

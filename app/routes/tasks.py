@@ -10,20 +10,24 @@ from typing import Any, Literal
 
 import anyio.to_thread
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.routing import Match
 
 from app import idempotency
-from app.bodies import StrictRoute
+from app import uploads
+from app.bodies import StrictRoute, loads
 from app.deps import CeleryDep, SettingsDep, StoreDep, TenantDep
-from app.errors import ERRORS, public
+from app.errors import ERRORS, invalid, public
 from app.idempotency import IdempotencyKey
 from app.routing import task_fingerprint
 from app.schemas import Progress, Status, TaskCreate, TaskInfo, TaskPage, TaskUsage
 from app.services import tasks as service
 from app.watcher import UNDERWAY
-from contract.blobs import store_of
 from contract.queues import ADAPTER
-from contract.store import task_weights_key
+from model.task import Limits
 
 router = APIRouter(prefix="/tasks", tags=["tasks"], route_class=StrictRoute)
 
@@ -50,15 +54,8 @@ def owned(store, task_id: str, who: str) -> dict[str, Any]:
     return rec
 
 
-@router.post(
-    "", status_code=status.HTTP_202_ACCEPTED, response_model=TaskInfo,
-    responses={200: {"model": TaskInfo, "description": "the same task already exists (or the same Idempotency-Key)"},
-               **ERRORS},
-)
-def create_task(body: TaskCreate, request: Request, response: Response, who: TenantDep, s: SettingsDep,
-                store: StoreDep, celery: CeleryDep, idempotency_key: IdempotencyKey = None) -> TaskInfo:
-    """Learn a task from its demonstrations, or serve it with an adapter made elsewhere (`adapter`);
-    poll the status URL, or follow GET /tasks/{id}/events, until it is ready."""
+def _create(body: TaskCreate, request: Request, response: Response, who: str, s, store, celery,
+            idempotency_key: str | None) -> TaskInfo:
     def run() -> idempotency.Answer:
         state = request.app.state
         rec, created = service.create(body, who, s, store, celery, state.fingerprint, state.count_tokens, state.router)
@@ -70,6 +67,112 @@ def create_task(body: TaskCreate, request: Request, response: Response, who: Ten
     response.status_code = code
     response.headers.update(headers)
     return TaskInfo.model_validate(out)
+
+
+class UploadRoute(StrictRoute):
+    """POST /tasks with an upload's content type (app/uploads.py); the JSON route takes every other body."""
+
+    def matches(self, scope):
+        match, child = super().matches(scope)
+        return (match, child) if match is Match.NONE or uploads.is_upload(scope) else (Match.NONE, {})
+
+
+async def create_task_upload(
+    request: Request, response: Response, who: TenantDep, s: SettingsDep, store: StoreDep, celery: CeleryDep,
+    idempotency_key: IdempotencyKey = None,
+    options: list[str] | None = Query(None, description="the label set (repeat the parameter for each option)"),
+    instruction: str | None = None, space: Literal["lora", "full", "none"] | None = None,
+    steps: int | None = None, epochs: float | None = None, lr: float | None = None, seed: int | None = None,
+    checkpoint: str | None = None,
+) -> TaskInfo:
+    """A task whose demonstrations come as a JSONL or CSV body (its other fields as query
+    parameters) or a multipart form (a `demonstrations` file and a `task` JSON field)."""
+    kind = uploads.media_type(request.headers.get("content-type"))
+    data = await request.body()
+    if len(data) > s.max_upload_bytes:  # BodyLimit let through up to the JSON body's limit with an adapter
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"request body exceeds {s.max_upload_bytes} bytes "
+                            "(max_upload_bytes)")
+    adaptation = {k: v for k, v in {"space": space, "steps": steps, "epochs": epochs, "lr": lr, "seed": seed}.items()
+                  if v is not None}
+    query = {k: v for k, v in {"options": options, "instruction": instruction, "checkpoint": checkpoint}.items()
+             if v is not None} | ({"adaptation": adaptation} if adaptation else {})
+    where: tuple = ("query",)
+    if kind == uploads.MULTIPART:
+        if query:
+            raise invalid(("query", next(iter(request.query_params))), "a multipart upload gives the task's other "
+                          "fields in its `task` field (JSON), not as query parameters", "not_with_multipart")
+        data, file_kind, fields = await _form(request)
+        where = ("body", "task")
+    else:
+        file_kind, fields = uploads.kind_of(kind), query
+    limits, count = Limits.of(s), request.app.state.count_tokens
+    await anyio.to_thread.run_sync(_check_fields, fields, where, limits, count)  # the options, before rows are held to them
+    demos = await anyio.to_thread.run_sync(uploads.demonstrations, data, file_kind, fields.get("options"), limits, count)
+    body = TaskCreate.model_validate({**fields, "demonstrations": demos})
+    return await anyio.to_thread.run_sync(_create, body, request, response, who, s, store, celery, idempotency_key)
+
+
+def _check_fields(fields: dict[str, Any], where: tuple, limits: Limits, count_tokens) -> None:
+    """422 for the upload's other fields (named as the caller gave them: a query parameter, or a key
+    of the form's `task` field), checked alone: the rows come next."""
+    try:
+        TaskCreate.model_validate({**fields, "demonstrations": []}, context={"limits": limits, "count_tokens": count_tokens})
+    except ValidationError as e:
+        errors = [{**err, "loc": where + (err["loc"][1:] if where == ("query",) and err["loc"][0] == "adaptation"
+                                          else err["loc"])}
+                  for err in e.errors(include_url=False) if err["loc"][:1] != ("demonstrations",)]
+        if errors:
+            raise RequestValidationError(errors) from e
+
+
+async def _form(request: Request) -> tuple[bytes, str, dict[str, Any]]:
+    """A multipart upload's file (its bytes and kind) and its `task` field (the task's other fields)."""
+    form = await request.form(max_files=1, max_fields=1)  # Starlette answers 400 for a malformed form or one over these
+    try:
+        unknown = [k for k in form if k not in ("demonstrations", "task")]
+        if unknown:
+            raise invalid(("body", unknown[0]), f"a multipart upload has a file `demonstrations` and optionally a "
+                          f"JSON field `task`, not {unknown[0]!r}", "unknown_field")
+        file, task = form.get("demonstrations"), form.get("task", "{}")
+        if not isinstance(file, UploadFile):
+            raise invalid(("body", "demonstrations"), "a multipart upload has a file `demonstrations` (.csv or .jsonl)",
+                          "missing")
+        kind = uploads.kind_of(file.content_type, file.filename)
+        if kind is None:
+            raise invalid(("body", "demonstrations"), "the file is CSV (text/csv, .csv) or JSONL (application/jsonl, "
+                          ".jsonl)", "unknown_file_type")
+        try:
+            fields = loads(task.encode()) if isinstance(task, str) else None
+        except ValueError as e:
+            raise invalid(("body", "task"), f"not JSON: {e}", "json_invalid") from e
+        if not isinstance(fields, dict) or "demonstrations" in fields or "adapter" in fields:
+            raise invalid(("body", "task"), "a JSON object with the task's other fields (options, instruction, "
+                          "adaptation, checkpoint); the demonstrations are the file, and an adapter comes in a JSON "
+                          "body", "bad_task_field")
+        return await file.read(), kind, fields
+    finally:
+        await form.close()
+
+
+router.add_api_route("", create_task_upload, methods=["POST"], route_class_override=UploadRoute,
+                     include_in_schema=False, status_code=status.HTTP_202_ACCEPTED, response_model=TaskInfo)
+
+
+@router.post(
+    "", status_code=status.HTTP_202_ACCEPTED, response_model=TaskInfo,
+    responses={200: {"model": TaskInfo, "description": "the same task already exists (or the same Idempotency-Key)"},
+               **ERRORS},
+)
+def create_task(body: TaskCreate, request: Request, response: Response, who: TenantDep, s: SettingsDep,
+                store: StoreDep, celery: CeleryDep, idempotency_key: IdempotencyKey = None) -> TaskInfo:
+    """Learn a task from its demonstrations, or serve it with an adapter made elsewhere (`adapter`);
+    poll the status URL, or follow GET /tasks/{id}/events, until it is ready. At most
+    max_demonstrations (413 beyond). The demonstrations may also come as an upload: a JSONL
+    (`application/jsonl`) or CSV (`text/csv`, header `input,output[,options]`) body with the other
+    fields as query parameters (`options` repeated, `instruction`, `space`, `steps`, `epochs`, `lr`,
+    `seed`, `checkpoint`), or `multipart/form-data` with a file `demonstrations` and a JSON field
+    `task`; a bad row is a 422 naming its line."""
+    return _create(body, request, response, who, s, store, celery, idempotency_key)
 
 
 @router.get("", response_model=TaskPage, responses=ERRORS)
@@ -91,10 +194,7 @@ def get_task(task_id: str, request: Request, who: TenantDep, store: StoreDep) ->
 @router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=ERRORS)
 def delete_task(task_id: str, who: TenantDep, s: SettingsDep, store: StoreDep) -> Response:
     """Remove the task and its weights."""
-    rec = owned(store, task_id, who)
-    store.delete_task(task_id, who)
-    key = task_weights_key(rec)
-    store_of(s, key).delete(key)
+    service.delete(owned(store, task_id, who), who, s, store)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -21,9 +21,10 @@ from app.quotas import check_adapt_seconds, check_weights, too_many_tasks
 from app.routing import Router
 from app.schemas import Adaptation, TaskCreate
 from app.services import checkpoints
+from contract import demos
 from contract.blobs import store_of
 from contract.queues import IMPORT_ADAPTER
-from contract.store import BASE, Store, content_hash, now
+from contract.store import BASE, Store, content_hash, now, task_weights_key
 from model.recipe import DEFAULT, Recipe
 from model.settings import Settings
 from model.task import Limits, Task, validate_task
@@ -76,13 +77,45 @@ def checkpoint_lr(s, ckpt: str, space: str) -> float | None:
         return None
 
 
+def too_many_demonstrations(n: int, limit: int) -> HTTPException:
+    return HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{n} demonstrations; the limit is {limit} (max_demonstrations)")
+
+
 def checked_task(body: TaskCreate, s: Settings, count_tokens: Callable[[str], int]) -> Task:
     data = body.model_dump(exclude={"adaptation", "checkpoint", "adapter"}, exclude_none=True)
     limits = Limits.of(s)
+    if len(body.demonstrations) > limits.max_demonstrations:  # more than a task may hold: 413, before any token is counted
+        raise too_many_demonstrations(len(body.demonstrations), limits.max_demonstrations)
     try:  # again, now with token counts: the body model could only count characters
         return validate_task(data, limits, count_tokens)
     except ValidationError as e:
         raise invalid_from(e, ("body",)) from e
+
+
+def create_record(store: Store, s: Settings, task_id: str, who: str, spec: dict[str, Any], fields: dict[str, Any]
+                  ) -> bool | None:
+    """store.create_task with the spec's demonstrations kept apart (contract/demos.py): referenced
+    before the record is written, and released unless a record with this id names them after."""
+    kept, key, rows = demos.split(who, spec["task"])
+    demos.hold(s, key, task_id, rows)
+    created = None
+    try:
+        created = store.create_task(task_id, who, {**spec, **kept, **fields}, max_tasks=s.max_tasks)
+    finally:
+        if not created:  # over the count, an error, or the same task exists (its record may predate demos_key)
+            rec = store.task(task_id)
+            if rec is None or rec.get("demos_key") != key:
+                demos.release(s, key, task_id)
+    return created
+
+
+def delete(rec: dict[str, Any], who: str, s: Settings, store: Store) -> None:
+    """Remove the task record, then what only it held: its weights and its demonstrations' reference."""
+    deleted = store.delete_task(rec["id"], who)
+    key = task_weights_key(rec)
+    store_of(s, key).delete(key)
+    if deleted and rec.get("demos_key"):
+        demos.release(s, rec["demos_key"], rec["id"])
 
 
 def create_or_reuse(body: TaskCreate, who: str, s: Settings, store: Store, celery: Celery, fingerprint: str,
@@ -112,11 +145,11 @@ def create_or_reuse(body: TaskCreate, who: str, s: Settings, store: Store, celer
         check_weights(store, who, space, s.max_weights_bytes)
         check_adapt_seconds(store, who, s.max_adapt_seconds_per_hour)
     run = new_run()
-    created = store.create_task(task_id, who, {
-        **spec, "hash": digest, "status": "ready" if space == "none" else "queued", "step": 0, "n_steps": steps,
+    created = create_record(store, s, task_id, who, spec, {
+        "hash": digest, "status": "ready" if space == "none" else "queued", "step": 0, "n_steps": steps,
         "attempts": 0, "completions": 0, "enqueued": space == "none", "run": run, "queued_at": now(),
         **({"adapt_seconds": 0.0} if space == "none" else {}),
-    }, max_tasks=s.max_tasks)
+    })
     if created is None:
         raise too_many_tasks(s.max_tasks)
     rec = store.task(task_id)
@@ -178,11 +211,11 @@ def import_task(body: TaskCreate, who: str, s: Settings, store: Store, fingerpri
         store_of(s, key).delete(key)
         check_weights(store, who, "lora", s.max_weights_bytes, more=size)  # says why
     t = now()
-    created = store.create_task(task_id, who, {
-        **spec, "hash": digest, "status": "ready", "imported": True, "step": 0, "n_steps": 0, "attempts": 0,
+    created = create_record(store, s, task_id, who, spec, {
+        "hash": digest, "status": "ready", "imported": True, "step": 0, "n_steps": 0, "attempts": 0,
         "completions": 1, "enqueued": True, "run": new_run(), "queued_at": t, "started_at": t, "finished_at": t,
         "adapt_seconds": 0.0, **pointer,
-    }, max_tasks=s.max_tasks)
+    })
     if not created:  # over the count, or an identical import won the race (its record holds the same file)
         store.refund(who, "weights_bytes", size)
         if created is None:
