@@ -23,7 +23,7 @@ from typing import Annotated, Any, Optional
 import typer
 from tqdm import tqdm
 
-from mamlserve.client import Client, MamlserveError
+from mamlserve.client import Client, MamlserveError, upload_kind
 
 app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False)
 tasks_app = typer.Typer(help="Create, import, list, inspect, export and delete tasks.", no_args_is_help=True)
@@ -149,7 +149,8 @@ def tasks_create(
     adaptation = {k: v for k, v in {"space": space, "steps": steps, "epochs": epochs, "lr": lr}.items() if v is not None}
     with client() as c:
         try:
-            task = c.create_task(rows, opts, instruction, adaptation or None, checkpoint)
+            task = (c.upload_task(demos, kind, opts, instruction, adaptation or None, checkpoint) if (kind := upload_kind(demos))
+                    else c.create_task(rows, opts, instruction, adaptation or None, checkpoint))
             typer.echo(task["id"])
             if wait:
                 task = _wait(c, task)

@@ -16,6 +16,7 @@ service starts; everything else is raised at once.
 from __future__ import annotations
 
 import base64
+import csv
 import json
 import os
 import time
@@ -117,6 +118,20 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._json("POST", "/tasks", json={k: v for k, v in body.items() if v is not None}, headers=headers)
 
+    def upload_task(self, demonstrations: bytes | str | Path, kind: str = "csv", options: list[str] | None = None,
+                    instruction: str | None = None, adaptation: dict[str, Any] | None = None,
+                    checkpoint: str | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+        """The task from a CSV (header input,output[,options]) or JSONL file sent as it is (POST /tasks
+        as text/csv or application/jsonl, the other fields as query parameters): the service's
+        errors name the file's lines, and the same rows make the same task as create_task."""
+        data = demonstrations if isinstance(demonstrations, bytes) else Path(demonstrations).read_bytes()
+        params = {"options": options, "instruction": instruction, "checkpoint": checkpoint, **(adaptation or {})}
+        headers = {"content-type": "application/jsonl" if kind == "jsonl" else "text/csv"}
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        return self._json("POST", "/tasks", content=data, headers=headers,
+                          params={k: v for k, v in params.items() if v is not None})
+
     def import_adapter(self, adapter: bytes | str | Path, demonstrations: list[dict[str, Any]],
                        options: list[str] | None = None, instruction: str | None = None) -> dict[str, Any]:
         """A task served with a PEFT adapter zip (bytes or a path) made elsewhere: ready at once."""
@@ -209,3 +224,16 @@ class Client:
     # --- admin (the admin key)
     def list_jobs(self, state: list[str] | None = None, offset: int = 0, limit: int = 100) -> dict[str, Any]:
         return self._json("GET", "/admin/jobs", params={"offset": offset, "limit": limit, **({"state": state} if state else {})})
+
+
+def upload_kind(path: Path) -> str | None:
+    """"csv" or "jsonl" when the file is in the service's own upload format (a header of input, output
+    and optionally options; objects with those keys), so that it goes as it is and the service's
+    errors name its lines; None for other column names, sent as JSON after reading them here."""
+    allowed = {"input", "output", "options"}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        if path.suffix.lower() == ".csv":
+            header = {h.strip() for h in next(csv.reader(f), [])}
+            return "csv" if {"input", "output"} <= header <= allowed else None
+        rows = [json.loads(line) for line in f if line.strip()]  # read_examples checked they are JSON objects
+        return "jsonl" if all(r.keys() <= allowed for r in rows) else None
