@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.prompts import Formatter
-from model.recipe import DEFAULT, LORA_LAYERS
+from model.recipe import DEFAULT, LORA_LAYERS, OUTER_LR
 
 if TYPE_CHECKING:
     from model.lm import LM
@@ -35,7 +35,7 @@ class MetaTrainConfig(BaseModel):
         "recipe", description="'recipe': the test-time recipe's loss, support and query examples all scored in the "
         "prediction prompt (the support set in context, each example's own copy masked); 'sampled': each example "
         "with `context_demos` support examples drawn at random, LM loss (every run before this field existed)")
-    outer_lr: float | None = Field(None, gt=0, description="None: 3e-4 (lora) / 1e-5 (full)")
+    outer_lr: float | None = Field(None, gt=0, description="None: model.recipe.OUTER_LR for the space")
     support_size: int = Field(8, ge=2, description="support examples drawn per task")
     support_batch: int = Field(4, ge=1, description="support queries per inner step")
     query_size: int = Field(4, ge=1, description="query examples per task")
@@ -98,7 +98,7 @@ class MetaTrainConfig(BaseModel):
     def lr_outer(self) -> float:
         if self.outer_lr is not None:
             return self.outer_lr
-        return 3e-4 if self.space == "lora" else 1e-5
+        return OUTER_LR[self.space]
 
     @classmethod
     def of(cls, s: Any, **fields: Any) -> MetaTrainConfig:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 Loss = Literal["lm", "options", "mix"]
 SPACES = ("lora", "full")
 LR = {"lora": 3e-3, "full": 1e-5}  # Adam's lr per space when a recipe gives none (lora: bench/results/search-k16)
+OUTER_LR = {"lora": 3e-4, "full": 1e-5}  # meta-training's outer Adam lr per space when a run gives none
 # Where the LoRA sits unless configured otherwise (negative indices count from the top; None: every
 # layer). Not a Recipe field: the layout is fixed when the model loads, and a checkpoint's must
 # match it. With a LoRA on upper layers only, the frozen layers below run once per adaptation,
