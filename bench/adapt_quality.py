@@ -61,12 +61,14 @@ import model  # noqa: E402,F401  (first: it sets OpenMP's wait policy before tor
 import torch  # noqa: E402
 from model.adapt import adapt  # noqa: E402
 from model.bank import kshot, load_bank  # noqa: E402
+from model.calibration import prior_of  # noqa: E402
 from model.evaluate import fitting, paired  # noqa: E402
 from model.lm import LM, LoraSpec  # noqa: E402
 from model.loading import load_lm, model_folder  # noqa: E402
+from model.metrics import accuracy, macro_f1  # noqa: E402
 from model.prompts import Formatter  # noqa: E402
 from model.recipe import DEFAULT, ICL, Recipe  # noqa: E402
-from model.scoring import accuracy, macro_f1, predict, prior_of  # noqa: E402
+from model.scoring import predict  # noqa: E402
 from model.settings import get_settings  # noqa: E402
 from model.task import Example, Task  # noqa: E402
 
@@ -150,7 +152,7 @@ def run_llm(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], reci
         a = adapt(lm, task, recipe, mode, start=begin, state=start.state if start else None, seed=seed, fmt=fmt)
         params, prior, epochs = {**(begin or {}), **a.params}, a.prior, a.epochs
     elif recipe.calibrate:
-        from model.scoring import option_prior
+        from model.calibration import option_prior
 
         prior = option_prior(lm, task, params, recipe, fmt)
     t1 = time.perf_counter()

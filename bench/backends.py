@@ -44,9 +44,10 @@ from model.adapt import adapt  # noqa: E402
 from model.bank import kshot, load_bank  # noqa: E402
 from model.lm import LoraSpec  # noqa: E402
 from model.loading import load_lm  # noqa: E402
+from model.prefix import build_prefix  # noqa: E402
 from model.prompts import Formatter  # noqa: E402
 from model.recipe import DEFAULT, ICL  # noqa: E402
-from model.scoring import build_prefix, predict  # noqa: E402
+from model.scoring import predict  # noqa: E402
 from model.settings import get_settings  # noqa: E402
 
 STEP = DEFAULT.but(epochs=1)  # 16 demonstrations in batches of 8: 2 Adam steps

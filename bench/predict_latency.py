@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model  # noqa: E402,F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
 import torch  # noqa: E402
 from model.loading import load_lm  # noqa: E402
+from model.prefix import build_prefix  # noqa: E402
 from model.prompts import Formatter  # noqa: E402
-from model.scoring import build_prefix, predict  # noqa: E402
+from model.scoring import predict  # noqa: E402
 from model.settings import get_settings  # noqa: E402
 from model.task import Example, Task  # noqa: E402
 

@@ -42,9 +42,10 @@ from model.adapt import adapt  # noqa: E402
 from model.bank import kshot, load_bank  # noqa: E402
 from model.lm import LoraSpec  # noqa: E402
 from model.loading import load_lm  # noqa: E402
+from model.prefix import build_prefix  # noqa: E402
 from model.prompts import Formatter, longest  # noqa: E402
 from model.recipe import DEFAULT, ICL  # noqa: E402
-from model.scoring import build_prefix, predict  # noqa: E402
+from model.scoring import predict  # noqa: E402
 from model.settings import get_settings  # noqa: E402
 from model.task import Task  # noqa: E402
 
@@ -87,7 +88,7 @@ class TokenCounter:
     """Tokens each decoder layer ran, with and without a backward to come, and logit rows.
 
     Per layer, because the frozen layers under the LoRA run once per adaptation and are passed
-    through afterwards (`model.scoring.Lower` swaps in a pass-through forward: not counted), and
+    through afterwards (`model.prefix.Lower` swaps in a pass-through forward: not counted), and
     because no backward reaches the layers below the lowest LoRA layer."""
 
     def __init__(self, lm):

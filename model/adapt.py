@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.calibration import DemoScores, demo_scores, demo_spans, option_prior
 from model.lm import LM, Params
+from model.prefix import Lower, encode_prefix, in_context, pad, row_keys, row_logprobs
 from model.prompts import Formatter, Row, longest
 from model.recipe import DEFAULT, Recipe
-from model.scoring import (DemoScores, Lower, Prefix, demo_scores, demo_spans, encode_prefix, in_context, option_prior, pad,
-                           row_keys, row_logprobs)
 from model.task import Example, Task
 
 Episode = list[tuple[list[Example], Example]]  # (context demonstrations, query) pairs: one batch
@@ -124,7 +124,7 @@ def option_loss(lm: LM, params: Mapping[str, Tensor] | None, fmt: Formatter, ins
     encoded once for the whole batch, each query's own copy masked from its attention: training
     then sees exactly the context predictions will see, and no query can copy its label.
     `prompt_grad` False treats the prompt's keys and values as constants (a backward pass less);
-    `lower` runs the frozen layers below the LoRA once across steps (see `model.scoring.Lower`)."""
+    `lower` runs the frozen layers below the LoRA once across steps (see `model.prefix.Lower`)."""
     queries = [q for _, q in episode]
     cands = [fmt.candidates(q.input, [q.output] if gold_only else list(q.options or options or [q.output])) for q in queries]
     ids, used, where = [], 0, {}

@@ -36,9 +36,11 @@ from model.adapt import AdamState, adapt
 from model.bank.sampling import SEEDS, kshot
 from model.lm import LM, Params
 from model.meta_train import TaskSource, is_classification, task_source
+from model.metrics import accuracy, macro_f1
+from model.prefix import Prefix, encode_prefix
 from model.prompts import Formatter, longest
 from model.recipe import LR, Recipe
-from model.scoring import Prefix, accuracy, encode_prefix, macro_f1, predict
+from model.scoring import predict
 from model.task import Example, Task
 
 log = logging.getLogger("mamlserve.evaluate")

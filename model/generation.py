@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from model.lm import LM
-from model.scoring import Prefix
+from model.prefix import Prefix
 
 # The prompt format ends an answer at a newline (examples are separated by one): a newline always stops.
 NEWLINE = "\n"

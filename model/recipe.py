@@ -21,7 +21,7 @@ OUTER_LR = {"lora": 3e-4, "full": 1e-5}  # meta-training's outer Adam lr per spa
 # Where the LoRA sits unless configured otherwise (negative indices count from the top; None: every
 # layer). Not a Recipe field: the layout is fixed when the model loads, and a checkpoint's must
 # match it. With a LoRA on upper layers only, the frozen layers below run once per adaptation,
-# not once per step (model.scoring.Lower); the top 15 lost on remapped labels (see DEFAULT).
+# not once per step (model.prefix.Lower); the top 15 lost on remapped labels (see DEFAULT).
 LORA_LAYERS: tuple[int, ...] | None = None
 
 

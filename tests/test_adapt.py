@@ -144,7 +144,7 @@ def test_frozen_lower_layers_replayed_give_the_full_models_loss_and_gradients(mo
     """LoRA on the top layer only: after a step has recorded what the frozen layer below makes of
     the prompt and the rows, later steps run only the top layer, with exactly the same numbers."""
     from model.lm import LoraSpec
-    from model.scoring import Lower
+    from model.prefix import Lower
 
     top = tiny_lm(lora=LoraSpec(layers=(-1,)))
     task = sentiment_task().model_copy(update={"options": ["positive", "negative", "neutral sports"]})

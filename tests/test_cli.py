@@ -16,7 +16,7 @@ import pytest
 
 from conftest import KEY, Api
 from mamlserve.client import Client, MamlserveError
-from model.scoring import accuracy, macro_f1
+from model.metrics import accuracy, macro_f1
 
 EXE = str(Path(sys.executable).parent / "mamlserve")
 GOOD = ["great fun", "loved it", "a joy", "wonderful", "so good", "brilliant", "superb", "delightful"]

@@ -5,9 +5,10 @@ import torch
 
 from model.adapt import adapt
 from model.generation import Sampling, stream
+from model.prefix import build_prefix
 from model.prompts import Formatter, Row
 from model.recipe import Recipe
-from model.scoring import build_prefix, generate
+from model.scoring import generate
 from model.task import Task
 
 from helpers import tiny_lm

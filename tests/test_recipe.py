@@ -5,7 +5,7 @@ import math
 import pytest
 
 from model.recipe import DEFAULT, ICL, LR, Recipe
-from model.scoring import prior_of
+from model.calibration import prior_of
 
 
 @pytest.mark.parametrize("n,epochs,batch,steps", [

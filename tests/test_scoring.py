@@ -1,9 +1,11 @@
 import pytest
 import torch
 
+from model.metrics import accuracy, macro_f1
+from model.prefix import Prefix, build_prefix, encode_prefix, score_rows
 from model.prompts import Formatter, PromptTooLong, Row
 from model.recipe import ICL
-from model.scoring import Prefix, accuracy, build_prefix, encode_prefix, macro_f1, predict, score_rows
+from model.scoring import predict
 from model.task import Example, Query, Task
 
 from helpers import sentiment_task, tiny_lm
@@ -112,7 +114,7 @@ def test_hidden_prefix_span_matches_a_full_forward_with_that_span_masked(lm):
     """A demonstration scored without seeing its own copy: its span of the cached prefix is masked,
     exactly as a plain forward over the whole sequence with those positions masked (the span is
     the prefix's last demonstration, so in both only the query is kept from seeing it)."""
-    from model.scoring import row_logprobs
+    from model.prefix import row_logprobs
 
     first, last = lm.encode("the movie was great\npositive\n\n"), lm.encode("i hated it\nnegative\n\n")
     prefix_ids = first + last
@@ -135,7 +137,7 @@ def test_hidden_prefix_span_matches_a_full_forward_with_that_span_masked(lm):
 def test_packed_options_sharing_a_beginning_score_as_each_alone(attn):
     """Options packed as a trie after their query (shared beginnings computed once) get exactly
     the log-likelihood a plain forward pass over prefix + query + option gives each one."""
-    from model.scoring import row_logprobs
+    from model.prefix import row_logprobs
 
     lm = tiny_lm(attn=attn)
     prefix_ids = lm.encode("the movie was great\npositive\n\n")

@@ -88,7 +88,7 @@ def test_packed_option_scores_equal_a_plain_forward_per_option(lm, topics):
     import torch
 
     from model.prompts import Row
-    from model.scoring import encode_prefix, row_logprobs
+    from model.prefix import encode_prefix, row_logprobs
 
     data, demos, queries = topics
     prefix_ids = lm.encode("".join(f"{d.input}\n{d.output}\n\n" for d in demos))
