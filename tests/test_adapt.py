@@ -3,7 +3,9 @@ import random
 import pytest
 import torch
 
-from model.adapt import AdamState, adam_update, adapt, icl_loss, inner_loop, option_loss, start_params, support_episodes
+from model.adapt import adapt, inner_loop, start_params, support_episodes
+from model.losses import icl_loss, option_loss
+from model.optim import AdamState, adam_update
 from model.prompts import Formatter
 from model.recipe import Recipe
 from model.scoring import predict
@@ -74,7 +76,8 @@ def test_a_task_with_one_demonstration_per_label_adapts(lm):
 def test_losses_before_and_after_are_the_first_batch_in_the_prediction_prompt(lm, loss):
     """Training in the prompt, adapt reports its losses without passes of its own: they must be
     exactly the recipe's loss on the first step's queries at the start and at the end."""
-    from model.adapt import episode_loss, prompt_of
+    from model.adapt import prompt_of
+    from model.losses import episode_loss
 
     task = sentiment_task()
     recipe = Recipe(loss=loss, epochs=2, batch_size=4, lr=3e-2)

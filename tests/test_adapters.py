@@ -89,7 +89,7 @@ def save_checkpoint(space: str) -> str:
     from conftest import settings
     from helpers import tiny_lm
     from model import checkpoints
-    from model.adapt import AdamState
+    from model.optim import AdamState
     from contract.blobs import shared
 
     lm = tiny_lm()

@@ -15,7 +15,7 @@ import torch
 from conftest import RECORDS_PORT
 from contract.blobs import RedisBlobs
 from model import checkpoints
-from model.adapt import AdamState
+from model.optim import AdamState
 
 DB = 11
 ROOT = Path(__file__).resolve().parents[1]

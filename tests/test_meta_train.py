@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from model import checkpoints
-from model.adapt import AdamState, episode_loss
+from model.losses import episode_loss
 from model.meta_train import (
     METHODS,
     MetaTrainConfig,
@@ -21,6 +21,7 @@ from model.meta_train import (
     synthetic_source,
     training_mode,
 )
+from model.optim import AdamState
 from model.recipe import DEFAULT
 from tests.helpers import tiny_lm
 
