@@ -27,7 +27,7 @@ labels predicted at least once; share of predictions taken by the most-predicted
 seconds per task (adaptation + prediction), and for LLM variants the macro-F1 that the same raw
 scores give with no calibration and with batch calibration on the test queries themselves (an
 oracle: it needs the test set). `margins` are paired differences by task and seed with a 95%
-bootstrap interval over tasks (`model.evaluate.paired`).
+bootstrap interval over tasks (`model.metrics.paired`).
 
 Every result is journaled as it comes (--out DIR/journal.jsonl); the same command resumes.
 The last line printed is JSON:
@@ -62,10 +62,10 @@ import torch  # noqa: E402
 from model.adapt import adapt  # noqa: E402
 from model.bank import kshot, load_bank  # noqa: E402
 from model.calibration import prior_of  # noqa: E402
-from model.evaluate import fitting, paired  # noqa: E402
+from model.evaluate import fitting  # noqa: E402
 from model.lm import LM, LoraSpec  # noqa: E402
 from model.loading import load_lm, model_folder  # noqa: E402
-from model.metrics import accuracy, macro_f1  # noqa: E402
+from model.metrics import accuracy, macro_f1, paired  # noqa: E402
 from model.prompts import Formatter  # noqa: E402
 from model.recipe import DEFAULT, ICL, Recipe  # noqa: E402
 from model.scoring import predict  # noqa: E402

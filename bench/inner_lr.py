@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import checkpoints  # noqa: E402
-from model.evaluate import load_for_eval, shortest_tasks  # noqa: E402
+from model.evaluate_cli import load_for_eval, shortest_tasks  # noqa: E402
 from model.meta_train import MetaTrainConfig, MetaTrainer, task_source  # noqa: E402
 from model.optim import AdamState  # noqa: E402
 from model.settings import get_settings  # noqa: E402

@@ -44,11 +44,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import checkpoints  # noqa: E402
-from model.evaluate import (  # noqa: E402
-    checkpoint_variant, evaluate, load_for_eval, markdown, paired, record, shortest_tasks, write_report,
-)
+from model.evaluate import checkpoint_variant, evaluate  # noqa: E402
+from model.evaluate_cli import load_for_eval, shortest_tasks  # noqa: E402
 from model.meta_train import MetaTrainConfig, meta_train, task_source  # noqa: E402
+from model.metrics import paired  # noqa: E402
 from model.prompts import Formatter  # noqa: E402
+from model.report import markdown, record, write_report  # noqa: E402
 from model.settings import get_settings  # noqa: E402
 
 BUDGETS = {

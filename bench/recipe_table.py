@@ -7,7 +7,7 @@ journal's `icl` entries), so configurations run on different task subsets stay c
 
 `--against CONFIG` (a row's "variant|hash", or a variant name when one row has it) adds each
 row's paired macro-F1 difference from that configuration, over the tasks and seeds both ran,
-with a 95% bootstrap interval over tasks (`model.evaluate.paired`): how configurations run in
+with a 95% bootstrap interval over tasks (`model.metrics.paired`): how configurations run in
 different processes (another LoRA layout, another code version) are compared.
 The last line printed is JSON: {"rows": N, "best": {...}, "against": {...}}.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.evaluate import paired  # noqa: E402
+from model.metrics import paired  # noqa: E402
 from model.recipe import DEFAULT, LORA_LAYERS  # noqa: E402
 
 

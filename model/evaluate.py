@@ -1,23 +1,6 @@
-"""Held-out evaluation in MetaICL's protocol: base model vs meta-trained checkpoints, in context and adapted.
-
-For every held-out task of a setting and every seed, k demonstrations are drawn from the task's
-train split (label-balanced; `model.bank.kshot`) and the same test queries are answered by
-option scoring (mean per-token log-likelihood, `model.scoring.predict`):
-
-    base/zero_shot   the base model with no demonstrations
-    base/icl         the base model with the k demonstrations in context
-    base/adapted     test-time adaptation (`model.adapt.adapt`) from a fresh LoRA, then in context
-    <ckpt>/icl       the checkpoint's parameters, k demonstrations in context
-    <ckpt>/adapted   `adapt` starting from the checkpoint (and its Adam moments when it was
-                     meta-trained with shared moments), then in context
-
-Score: macro-F1 for classification tasks (one label set), accuracy otherwise, on 0-100. Per
-variant: `mean` = mean over tasks of the mean over seeds; `worst` = mean over tasks of the
-worst seed. Writes results.json, results.md and results.png into the output folder, and each
-checkpoint's scores into its meta.json (`evaluation.<setting>`). A checkpoint whose meta.json
-lists any of the evaluated tasks among its meta-train tasks is refused: the committed settings
-can be regenerated after a checkpoint was trained, and that would leak.
-"""
+"""Held-out evaluation in MetaICL's protocol (`evaluate`): the base model and meta-trained checkpoints
+(`Variant`s), in context and adapted, on a setting's held-out tasks. Its command line is
+model/evaluate_cli.py; its numbers come from model/metrics.py, its files from model/report.py."""
 
 from __future__ import annotations
 
@@ -32,11 +15,12 @@ from typing import Any
 import torch
 
 from model import checkpoints
-from model.adapt import AdamState, adapt
+from model.adapt import adapt
 from model.bank.sampling import SEEDS, kshot
 from model.lm import LM, Params
-from model.meta_train import TaskSource, is_classification, task_source
-from model.metrics import accuracy, macro_f1
+from model.meta_train import TaskSource, is_classification
+from model.metrics import accuracy, macro_f1, summarise
+from model.optim import AdamState
 from model.prefix import Prefix, encode_prefix
 from model.prompts import Formatter, longest
 from model.recipe import LR, Recipe
@@ -133,7 +117,26 @@ def evaluate(
     progress: Callable[[int, int, str], None] | None = None,
     journal: Path | None = None,
 ) -> dict[str, Any]:
-    """Scores per variant / mode / task / seed, and their summaries (see the module docstring).
+    """Scores per variant / mode / task / seed, and their summaries.
+
+    For every held-out task of a setting and every seed, k demonstrations are drawn from the task's
+    train split (label-balanced; `model.bank.kshot`) and the same test queries are answered by
+    option scoring (mean per-token log-likelihood, `model.scoring.predict`):
+
+        base/zero_shot   the base model with no demonstrations
+        base/icl         the base model with the k demonstrations in context
+        base/adapted     test-time adaptation (`model.adapt.adapt`) from a fresh LoRA, then in context
+        <ckpt>/icl       the checkpoint's parameters, k demonstrations in context
+        <ckpt>/adapted   `adapt` starting from the checkpoint (and its Adam moments when it was
+                         meta-trained with shared moments), then in context
+
+    Score: macro-F1 for classification tasks (one label set), accuracy otherwise, on 0-100. Per
+    variant: `mean` = mean over tasks of the mean over seeds; `worst` = mean over tasks of the
+    worst seed. The command line writes results.json, results.md and results.png into the output
+    folder, and each checkpoint's scores into its meta.json (`evaluation.<setting>`). A checkpoint
+    whose meta.json lists any of the evaluated tasks among its meta-train tasks is refused
+    (`checkpoint_variant`): the committed settings can be regenerated after a checkpoint was
+    trained, and that would leak.
 
     journal: a JSON-lines file every score is appended to as soon as it is known; an evaluation
     given the journal of an interrupted one (same variants and protocol) reuses its scores, so a
@@ -225,193 +228,9 @@ def _open_journal(path: Path, protocol: dict[str, Any]) -> dict[str, tuple[float
     return known
 
 
-def summarise(per_task: dict[str, list[float]]) -> dict[str, Any]:
-    means = {t: sum(v) / len(v) for t, v in per_task.items()}
-    worst = {t: min(v) for t, v in per_task.items()}
-    n = len(per_task)
-    return {"mean": sum(means.values()) / n if n else None, "worst": sum(worst.values()) / n if n else None,
-            "per_task": means, "per_task_worst": worst, "per_seed": per_task}
-
-
-MIN_TASKS = 5
-
-
-def paired(report: dict[str, Any], a: str, b: str, metric: str | None = None, n_boot: int = 10_000,
-           seed: int = 0) -> dict[str, Any]:
-    """Row a minus row b (e.g. "v0001-…/icl" vs "v0003-…/icl"), paired by task and seed: the mean
-    difference over tasks and a 95% bootstrap interval that resamples tasks (the unit the result
-    should generalise over). `separated` is true when the interval excludes 0 over at least
-    MIN_TASKS tasks (with fewer, resampling cannot tell). metric None: the score (F1 / accuracy);
-    "gold_prob": the gold probability."""
-    ra, rb = report["results"][a], report["results"][b]
-    if metric:
-        ra, rb = ra[metric], rb[metric]
-    common = [t for t in ra["per_seed"] if t in rb["per_seed"] and len(ra["per_seed"][t]) == len(rb["per_seed"][t])]
-    if not common:
-        return {"diff": None, "ci95": None, "tasks": 0, "separated": False}
-    d = torch.tensor([sum(x - y for x, y in zip(ra["per_seed"][t], rb["per_seed"][t])) / len(ra["per_seed"][t])
-                      for t in common], dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    boot = d[torch.randint(len(d), (n_boot, len(d)), generator=g)].mean(1)
-    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"diff": d.mean().item(), "ci95": [lo, hi], "tasks": len(common), "separated": len(d) >= MIN_TASKS and (lo > 0 or hi < 0)}
-
-
-# --------------------------------------------------------------------------- reports
-def markdown(report: dict[str, Any]) -> str:
-    res = report["results"]
-    names = list(dict.fromkeys(r.split("/")[0] for r in res))
-    lines = [f"# Held-out evaluation: {report['setting']}", "",
-             f"{len(report['tasks'])} tasks, k={report['k']}, seeds {report['seeds']}, "
-             f"{report['adapt_steps']} adaptation steps, model {report['model']['name']}. "
-             "Macro-F1 (classification) or accuracy, 0-100; mean over tasks of the mean / worst seed.", "",
-             "| variant | 0-shot | in context (mean) | in context (worst) | adapted (mean) | adapted (worst) "
-             "| gold p, in context | gold p, adapted |",
-             "|---|---|---|---|---|---|---|---|"]
-
-    def cell(key: str, what: str) -> str:
-        r = res.get(key, {})
-        val = r.get("gold_prob", {}).get("mean") if what == "gold_prob" else r.get(what)
-        return "-" if val is None else f"{val:.1f}"
-
-    for n in names:
-        lines.append(f"| {n} | {cell(n + '/zero_shot', 'mean')} | {cell(n + '/icl', 'mean')} | {cell(n + '/icl', 'worst')} "
-                     f"| {cell(n + '/adapted', 'mean')} | {cell(n + '/adapted', 'worst')} "
-                     f"| {cell(n + '/icl', 'gold_prob')} | {cell(n + '/adapted', 'gold_prob')} |")
-    if report.get("comparisons"):
-        lines += ["", "Paired differences (row a minus row b, by task and seed; 95% bootstrap interval over tasks):", "",
-                  "| a | b | metric | difference | 95% interval | separated |", "|---|---|---|---|---|---|"]
-        for c in report["comparisons"]:
-            ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]"
-            diff = "-" if c["diff"] is None else f"{c['diff']:+.1f}"
-            lines.append(f"| {c['a']} | {c['b']} | {c['metric']} | {diff} | {ci} | {'yes' if c['separated'] else 'no'} |")
-    lines += ["", "Per task (mean over seeds):", "", "| task | " + " | ".join(res) + " |", "|---|" + "---|" * len(res)]
-    for t in report["tasks"]:
-        lines.append(f"| {t} | " + " | ".join(f"{res[r]['per_task'].get(t, float('nan')):.1f}" for r in res) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def chart(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = report["results"]
-    keys = list(res)
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(keys) + 2), 4.5))
-    colors = {"zero_shot": "#999999", "icl": "#4C72B0", "adapted": "#DD8452"}
-    xs = range(len(keys))
-    nan = float("nan")  # a row with no scored task (every task skipped) draws nothing
-    ax.bar(xs, [nan if res[k]["mean"] is None else res[k]["mean"] for k in keys],
-           color=[colors.get(k.split("/")[-1], "#55A868") for k in keys])
-    ax.scatter(xs, [nan if res[k]["worst"] is None else res[k]["worst"] for k in keys], color="black", marker="_", s=300, zorder=3, label="worst seed")
-    ax.set_xticks(list(xs), [_short(k) for k in keys], fontsize=7, rotation=30, ha="right")
-    ax.set_ylabel("macro-F1 / accuracy (0-100)")
-    ax.set_title(f"held-out tasks of {report['setting']} (k={report['k']}, {len(report['seeds'])} seeds)")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _short(key: str) -> str:
-    """'v0003-maml-lora-class_to_class/icl' -> 'v0003-maml-lora icl' (the setting is in the title)."""
-    name, mode = key.rsplit("/", 1)
-    return f"{'-'.join(name.split('-')[:3])} {mode}"
-
-
-def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "markdown": out / "results.md", "chart": out / "results.png"}
-    paths["json"].write_text(json.dumps(report, indent=2))
-    paths["markdown"].write_text(markdown(report))
-    chart(report, paths["chart"])
-    return paths
-
-
-def record(report: dict[str, Any], data_dir: Path, ckpt_ids: Sequence[str]) -> None:
-    """Write each checkpoint's summary into its meta.json."""
-    for c in ckpt_ids:
-        summary = {m: report["results"][f"{c}/{m}"]["mean"] for m in ("icl", "adapted") if f"{c}/{m}" in report["results"]}
-        summary |= {f"{m}_worst": report["results"][f"{c}/{m}"]["worst"] for m in ("icl", "adapted") if f"{c}/{m}" in report["results"]}
-        summary |= {"k": report["k"], "seeds": report["seeds"], "tasks": len(report["tasks"]),
-                    "adapt_steps": report["adapt_steps"], "adapt_lr": report.get("adapt_lrs", {}).get(c),
-                    "base_icl": report["results"]["base/icl"]["mean"]}
-        checkpoints.update_meta(data_dir, c, evaluation={report["setting"]: summary})
-
-
-def shortest_tasks(lm: LM, tasks: list, n: int | None) -> list:
-    """The n tasks with the shortest rows (median tokens of input + longest option over the first
-    32 test examples): a short prompt budget would drop most queries of the others."""
-    def size(t) -> float:
-        rows = sorted(len(lm.encode(e.input)) + max(len(lm.encode(o)) for o in (t.options or e.options or [e.output]))
-                      for e in t.test[:32])
-        return rows[len(rows) // 2] if rows else float("inf")
-
-    ranked = sorted(tasks, key=lambda t: (size(t), t.name))
-    return ranked[:n] if n else ranked
-
-
-# --------------------------------------------------------------------------- CLI
-def load_for_eval(spec: str, data_dir: Path, device: str = "auto") -> LM:
-    from model.loading import load_lm
-
-    lm = load_lm(spec, data_dir, device, attn="sdpa")
-    if lm.device.type == "cuda":
-        lm.model.float()  # fp32 weights + bf16 autocast, as in meta-training
-    return lm
-
-
-def main(
-    setting: str = "class_to_class",
-    checkpoint: list[str] = [],  # noqa: B006 (typer reads the default)
-    model: str | None = None,
-    k: int = 16,
-    seeds: str = ",".join(map(str, SEEDS)),
-    n_test: int | None = None,
-    max_tasks: int | None = None,
-    adapt_steps: int | None = None,
-    adapt_lr: float | None = None,
-    adapt_batch: int | None = None,
-    context_demos: int | None = None,
-    shortest: bool = False,
-    settings_dir: Path | None = None,
-    context_tokens: int | None = None,
-    out: Path | None = None,
-    journal: Path | None = None,
-    device: str | None = None,
-    data_dir: Path | None = None,
-) -> None:
-    """Evaluate the base model and checkpoints on a setting's held-out tasks; print where the report went.
-
-    adapt_lr: test-time lr for every variant (default: each checkpoint's meta-training inner lr,
-    the settings' adapt lr for the base). --shortest: take the max_tasks held-out tasks with the
-    shortest examples rather than the first ones (for short prompt budgets). journal: a file scores
-    are appended to as they come; the same command with the same journal resumes where it stopped."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from model.settings import get_settings
-
-    s = get_settings()  # the CLI's defaults come from the environment (MAMLSERVE_*), as the service's do
-    ddir = data_dir or s.data_dir
-    lm = load_for_eval(model or s.base_model, ddir, device or s.device)
-    source = task_source(setting, ddir, settings_dir)
-    if shortest:
-        source.held_out = shortest_tasks(lm, source.held_out, max_tasks)
-    names = [t.name for t in source.held_out]
-    variants = [checkpoint_variant(lm, ddir, c, adapt_lr, names) for c in checkpoint]
-    fmt = Formatter(lm.encode, s.prompt_format, context_tokens or s.context_tokens)
-    report = evaluate(lm, source, variants, k, [int(x) for x in seeds.split(",")], n_test, adapt_steps,
-                      base_lr=adapt_lr, fmt=fmt, max_tasks=max_tasks, adapt_batch=adapt_batch,
-                      context_demos=context_demos, journal=journal)
-    out = out or ddir / "eval" / f"{setting}-{time.strftime('%Y%m%d-%H%M%S')}"
-    paths = write_report(report, out)
-    record(report, ddir, checkpoint)
-    print(markdown(report))
-    print(json.dumps({k: str(v) for k, v in paths.items()}))
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the command line lives in model/evaluate_cli.py
     import typer
+
+    from model.evaluate_cli import main
 
     typer.run(main)

@@ -12,9 +12,11 @@ import pytest
 
 from model import checkpoints
 from model.bank.sampling import kshot
-from model.evaluate import checkpoint_variant, evaluate, fitting, paired, record, score, summarise, write_report
+from model.evaluate import checkpoint_variant, evaluate, fitting, score
 from model.meta_train import MetaTrainConfig, meta_train, synthetic_source
+from model.metrics import paired, summarise
 from model.prompts import Formatter
+from model.report import record, write_report
 from tests.helpers import tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +68,7 @@ def test_cli_meta_train_then_evaluate(tmp_path):
     assert ckpt.startswith("v0001-fomaml-lora-synthetic")
     out = tmp_path / "report"
     # the evaluation CLI's function in-process (a second interpreter start would double the test's time)
-    from model.evaluate import main
+    from model.evaluate_cli import main
 
     main(setting="synthetic", checkpoint=[ckpt], model="tiny", k=4, seeds="1", n_test=4, max_tasks=1, adapt_steps=1,
          context_tokens=128, out=out, device="cpu", data_dir=tmp_path)
