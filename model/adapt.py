@@ -20,9 +20,6 @@ from model.prompts import Formatter
 from model.recipe import DEFAULT, Recipe
 from model.task import Example, Task
 
-# re-exported: model/meta/ imports these from here too
-from model.losses import episode_batch, sequences, target_loss  # noqa: F401
-from model.optim import adam_update  # noqa: F401
 
 
 def support_episodes(demos: Sequence[Example], steps: int, batch_size: int, context_demos: int, rng: random.Random) -> list[Episode]:

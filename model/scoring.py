@@ -17,9 +17,6 @@ from model.prompts import Formatter, Row
 from model.recipe import ICL, Recipe
 from model.task import Example, Query, Task
 
-# re-exported: worker/ imports these from here
-from model.calibration import option_prior  # noqa: F401
-from model.prefix import encode_prefix  # noqa: F401
 
 
 @dataclass

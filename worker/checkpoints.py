@@ -10,7 +10,7 @@ from typing import Any
 from contract.blobs import shared
 from contract.store import Store
 from model import checkpoints as registry
-from model.adapt import AdamState
+from model.optim import AdamState
 from model.lm import LM, Params
 from model.settings import Settings
 

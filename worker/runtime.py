@@ -27,14 +27,17 @@ from contract.demos import DemosGone, task_json
 from contract.config import fingerprint, model_lock, service_config
 from contract.store import BASE, Store, imported_key, task_weights_key, weights_key
 from model import weights
-from model.adapt import AdamState, Adapted, adapt, start_params
-from model.lm import LM, LoraSpec, Params
-from model.generation import Piece, Sampling, stream
+from model.adapt import Adapted, adapt, start_params
+from model.calibration import option_prior
 from model.files import SMOLLM2, base_id, model_folder
+from model.generation import Piece, Sampling, stream
+from model.lm import LM, LoraSpec, Params
 from model.loading import load_lm
+from model.optim import AdamState
+from model.prefix import Prefix, encode_prefix, in_context
 from model.prompts import Formatter, Row, longest
 from model.recipe import Recipe
-from model.scoring import Prediction, Prefix, encode_prefix, in_context, option_prior, predict
+from model.scoring import Prediction, predict
 from model.settings import Settings
 from model.task import Query, Task
 from worker import checkpoints

@@ -1,5 +1,5 @@
 """A step's tasks as one batch: `torch.func.vmap` over tasks of the inner loop every task runs
-(`model.adapt.adam_steps`), for T-times larger kernels on a GPU (`batch_tasks`)."""
+(`model.optim.adam_steps`), for T-times larger kernels on a GPU (`batch_tasks`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import random
 import torch
 from torch import Tensor
 
-from model.adapt import Episode, adam_steps, episode_batch, sequences, target_loss
+from model.losses import Episode, episode_batch, sequences, target_loss
+from model.optim import adam_steps
 from model.lm import Params
 from model.meta.method import TaskMethod, TaskResult
 

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from model import checkpoints
-from model.adapt import AdamState
+from model.optim import AdamState
 from model.lm import LM, Params
 from model.meta.tasks import TaskSource
 from model.meta_config import MetaTrainConfig

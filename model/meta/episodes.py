@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from model.adapt import Episode, sequences, support_episodes
+from model.adapt import support_episodes
+from model.losses import Episode, sequences
 from model.bank.sampling import sample_episode
 from model.meta_config import MetaTrainConfig
 from model.prompts import Formatter, longest

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.adapt import AdamState, episode_loss, inner_loop
+from model.adapt import inner_loop
+from model.losses import episode_loss
+from model.optim import AdamState
 from model.lm import LM, Params
 from model.meta.episodes import Draw, draw
 from model.meta_config import MetaTrainConfig
@@ -112,7 +114,7 @@ class TaskMethod:
                    training on the very same episodes;
 
         and the meta-gradient ∂loss/∂θ (reptile: θ - θ'). Either way the inner loop is
-        `model.adapt.inner_loop` and the loss `model.adapt.episode_loss`: test-time adaptation and
+        `model.adapt.inner_loop` and the loss `model.losses.episode_loss`: test-time adaptation and
         meta-training run the same code.
         """
         cfg = self.cfg

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from model.adapt import AdamState, adam_update
+from model.optim import AdamState, adam_update
 from model.lm import LM, Params
 from model.meta.batching import BatchedTasks
 from model.meta.episodes import Draw, context_episodes, fits, fitting_episode

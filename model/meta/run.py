@@ -10,7 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from model import checkpoints
-from model.adapt import AdamState
+from model.optim import AdamState
 from model.lm import LM, LoraSpec
 from model.meta.checkpoint import resume, run_meta
 from model.meta.outer import MetaTrainer
