@@ -5,6 +5,7 @@ over the episodes `support_episodes` draws; the update is `model.optim`'s, the l
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from model.optim import AdamState, adam_steps
 from model.prefix import Lower, in_context
 from model.prompts import Formatter
 from model.recipe import DEFAULT, Recipe
+from model.retrieval import task_embeddings
 from model.task import Example, Task
 
 
@@ -56,11 +58,13 @@ def inner_loop(
     prompt: Sequence[Example] | None = None,
     prompt_grad: bool = True,
     lower: Lower | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[Params, AdamState, list[float]]:
     """Adapt `trainable` (on top of `fixed` overrides) with one Adam step per episode of `loss`
     (`episode_loss`): `adam_steps` with gradients by `torch.autograd.grad`.
 
     order 0: test time (each step starts from detached leaves); 1: first-order; 2: second-order.
+    `stop`, asked after each step, ends the loop there.
     """
 
     def gradient(params: Params, ep: Episode) -> tuple[Params, Tensor]:
@@ -72,7 +76,7 @@ def inner_loop(
         return {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(params.items(), grads)}, value
 
     report = (lambda i, n, value: on_step(i, n, value.item())) if on_step else None
-    trainable, state, values = adam_steps(gradient, trainable, episodes, lr, state or AdamState(), order, report)
+    trainable, state, values = adam_steps(gradient, trainable, episodes, lr, state or AdamState(), order, report, stop)
     if order == 0:
         trainable = {k: p.detach() for k, p in trainable.items()}
         state = state.detached()
@@ -88,7 +92,11 @@ class Adapted:
     losses: list[float]
     state: AdamState
     prior: dict[str, float] | None = None  # option -> log prior to subtract when predicting (Recipe.calibrate)
-    epochs: float = 0.0
+    epochs: float = 0.0  # the passes the steps taken made
+    steps: int = 0  # Adam steps taken
+    planned: int = 0  # Adam steps the recipe planned (more than taken when stopped)
+    stopped: str | None = None  # why it stopped early: "time_budget" or "stopped"; None: every planned step ran
+    embeddings: Tensor | None = None  # the demonstrations' (model.retrieval.embed), where predictions retrieve
 
     def delta(self, start: Mapping[str, Tensor]) -> Params:
         """Full mode: adapted minus starting weights (what is stored)."""
@@ -147,6 +155,8 @@ def adapt(
     seed: int = 0,
     fmt: Formatter | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    time_budget_s: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Adapted:
     """Adapt to a task's demonstrations in `mode` ("lora" or "full") as the recipe says: its
     loss, `recipe.steps_for(n)` Adam steps at `recipe.lr_for(mode)`, then (when it calibrates)
@@ -154,7 +164,14 @@ def adapt(
 
     `start` holds parameter overrides to begin from (a meta-trained checkpoint's LoRA init or
     full weights); `state` its Adam moments, when it shares them.
+
+    `time_budget_s` (seconds from the call) ends the inner loop after the step under way once it
+    is spent, and `should_stop` (asked after each step) whenever it says so; the result says
+    which, and the steps taken of those planned. Calibration then runs on what was trained: its
+    cost is bounded apart (`model.calibration.CALIBRATION_DEMOS`). Where predictions will retrieve
+    their demonstrations (`Recipe.retrieve`), their embeddings are computed here, once.
     """
+    t0 = time.monotonic()
     fmt = fmt or Formatter(lm.encode)
     fixed, trainable = start_params(lm, mode, start, seed)
     demos = task.demonstrations
@@ -167,11 +184,24 @@ def adapt(
     free = prompt is not None and task.options is not None and (recipe.calibrate or steps > 0)
     init = {**fixed, **trainable}
     lower = frozen_below(lm, mode) if prompt is not None else None
+    embeddings = task_embeddings(lm, fmt, task, recipe)
+    free = free and embeddings is None  # retrieval scores demonstrations in other contexts than training's
+    why: list[str] = []
+
+    def stop() -> bool:
+        if should_stop is not None and should_stop():
+            why.append("stopped")
+        elif time_budget_s is not None and time.monotonic() - t0 >= time_budget_s:
+            why.append("time_budget")
+        return bool(why)
+
     trainable, state, losses = inner_loop(lm, fixed, trainable, fmt, task.instruction, episodes, recipe.lr_for(mode),
                                           state, 0, on_step, task.options, recipe.loss, recipe.length_norm,
-                                          prompt, recipe.prompt_grad, lower)
+                                          prompt, recipe.prompt_grad, lower, stop)
+    done = len(losses)
+    stopped = why[0] if why and done < steps else None
     params = {**fixed, **trainable}
-    scored = demo_scores(lm, task, params, recipe, fmt) if free else None
+    scored = demo_scores(lm, task, params, recipe, fmt, embeddings) if free else None
     first = [q for _, q in episodes[0]] if episodes else list(demos)
     after = recipe_loss(scored, first, recipe) if scored else None
     if after is None:  # not training in the prompt, or demonstrations with their own options
@@ -179,6 +209,7 @@ def adapt(
         after = support_loss(lm, params, fmt, task, recipe, seed) if steps else before
     else:
         before = losses[0] if losses else after
-    prior = (scored.prior(recipe.length_norm) if scored else option_prior(lm, task, params, recipe, fmt)) \
+    prior = (scored.prior(recipe.length_norm) if scored else option_prior(lm, task, params, recipe, fmt, embeddings)) \
         if recipe.calibrate else None
-    return Adapted(mode, trainable, before, after, losses, state, prior, recipe.epochs_for(len(demos)))
+    epochs = recipe.epochs_for(len(demos)) * (done / steps if steps else 0.0)
+    return Adapted(mode, trainable, before, after, losses, state, prior, epochs, done, steps, stopped, embeddings)

@@ -1,5 +1,6 @@
 """Batch calibration: the options' prior (`prior_of`, `option_prior`) from the task's demonstrations
-scored as predictions score them, each leave-one-out (`demo_scores`, `DemoScores`)."""
+(up to `CALIBRATION_DEMOS`, label-balanced) scored as predictions score them, each leave-one-out
+(`demo_scores`, `DemoScores`)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,33 @@ from torch import Tensor
 
 from model.lm import LM
 from model.prefix import encode_prefix, in_context, row_logprobs
-from model.prompts import Formatter, longest
+from model.prompts import Formatter, Row, longest
 from model.recipe import Recipe
+from model.retrieval import applies, contexts, embed, grouped, label_of, shown as chosen_task
 from model.task import Example, Task
+
+# Calibration scores each demonstration it uses, once per adaptation and again where a worker
+# reloads an in-context task: at n = 5,000 that is 5,000 x options rows (and under retrieval as
+# many prefixes). The prior is a mean over inputs, which a label-balanced sample of 256 estimates
+# well at a bounded cost; below the cap every demonstration is scored, as before.
+CALIBRATION_DEMOS = 256
+
+
+def calibration_sample(task: Task, demos: Sequence[Example], cap: int = CALIBRATION_DEMOS) -> list[Example]:
+    """All the demonstrations up to `cap`; beyond it `cap` of them, taken round-robin over the
+    labels in the task's order (deterministic: the same prior on every worker), kept in that order."""
+    if len(demos) <= cap:
+        return list(demos)
+    lanes: dict[str | None, list[int]] = {}
+    for i, d in enumerate(demos):
+        lanes.setdefault(label_of(task, d), []).append(i)
+    queues = [q[::-1] for q in lanes.values()]
+    taken: list[int] = []
+    while len(taken) < cap:
+        for q in queues:
+            if q and len(taken) < cap:
+                taken.append(q.pop())
+    return [demos[i] for i in sorted(taken)]
 
 
 def prior_of(scores: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -62,17 +87,20 @@ class DemoScores:
 
 @torch.no_grad()
 def demo_scores(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe: Recipe,
-                fmt: Formatter | None = None) -> DemoScores | None:
-    """The task's demonstrations scored in the prediction prompt (None for tasks without one
-    label set). With demonstrations in the prediction context, each one is scored with its own
-    copy masked from attention (leave-one-out at the cost of one prefix: it would otherwise
-    copy its label)."""
+                fmt: Formatter | None = None, embeddings: Tensor | None = None) -> DemoScores | None:
+    """The task's demonstrations (`calibration_sample`) scored in the prediction prompt (None for
+    tasks without one label set). With demonstrations in the prediction context, each one is
+    scored with its own copy masked from attention (leave-one-out at the cost of one prefix: it
+    would otherwise copy its label). Where predictions retrieve their demonstrations
+    (`Recipe.retrieve`), each is scored in the context it retrieves, itself excluded."""
     if not task.options:
         return None
     fmt = fmt or Formatter(lm.encode)
     shown = in_context(task, recipe)
-    demos = [d for d in task.demonstrations if d.options is None]
+    demos = calibration_sample(task, [d for d in task.demonstrations if d.options is None])
     rows = [r for d in demos for r in fmt.candidates(d.input, task.options)]
+    if applies(fmt, task, recipe, longest(rows)):
+        return _retrieved_scores(lm, task, params, recipe, fmt, demos, embeddings)
     ids, used = fmt.prefix(shown.instruction, shown.demonstrations, longest(rows))
     spans = demo_spans(fmt, shown.demonstrations, ids, used)
     hide = [spans.get(id(d)) for d in demos for _ in task.options]
@@ -81,10 +109,31 @@ def demo_scores(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe:
     return DemoScores(demos, list(task.options), sums.view(shape), lengths.view(shape))
 
 
+def _retrieved_scores(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe: Recipe, fmt: Formatter,
+                      demos: list[Example], embeddings: Tensor | None) -> DemoScores:
+    """`demo_scores` under retrieval: one prefix per distinct chosen set, as `predict` does."""
+    index = {id(d): i for i, d in enumerate(task.demonstrations)}
+    if embeddings is None:
+        embeddings = embed(lm, [d.input for d in task.demonstrations])
+    per: list[list[Row]] = [fmt.candidates(d.input, task.options or []) for d in demos]
+    mine = embeddings[[index[id(d)] for d in demos]]
+    chosen = contexts(lm, fmt, task, recipe, demos, [longest(r) for r in per], embeddings,
+                      exclude=[index[id(d)] for d in demos], query_embeddings=mine)
+    shape = (len(demos), len(task.options or []))
+    sums, lengths = torch.zeros(shape, device=lm.device), torch.zeros(shape, device=lm.device)
+    for c, members in grouped(chosen).items():
+        sub = chosen_task(task, c)
+        rows = [r for i in members for r in per[i]]
+        ids, used = fmt.prefix(sub.instruction, sub.demonstrations, longest(rows))
+        s, n = row_logprobs(lm, encode_prefix(lm, ids, params, used), rows, params)
+        sums[members], lengths[members] = s.view(len(members), -1), n.view(len(members), -1)
+    return DemoScores(demos, list(task.options or []), sums, lengths)
+
+
 def option_prior(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe: Recipe,
-                 fmt: Formatter | None = None) -> dict[str, float] | None:
+                 fmt: Formatter | None = None, embeddings: Tensor | None = None) -> dict[str, float] | None:
     """The options' prior for `predict`, estimated once from the task's own demonstrations
     scored as predictions would score them (`demo_scores`; None for tasks without one label set).
     Stored with the task, it gives every input the same answer whatever else is in its call."""
-    scored = demo_scores(lm, task, params, recipe, fmt)
+    scored = demo_scores(lm, task, params, recipe, fmt, embeddings)
     return scored.prior(recipe.length_norm) if scored else None

@@ -53,7 +53,8 @@ Gradient = Callable[[Params, Any], tuple[Params, Tensor]]  # (params, batch) -> 
 
 
 def adam_steps(gradient: Gradient, params: Params, batches: Sequence[Any], lr: float, state: AdamState, order: int,
-               on_step: Callable[[int, int, Tensor], None] | None = None) -> tuple[Params, AdamState, list[Tensor]]:
+               on_step: Callable[[int, int, Tensor], None] | None = None,
+               stop: Callable[[], bool] | None = None) -> tuple[Params, AdamState, list[Tensor]]:
     """The inner loop itself: one Adam step per batch down `gradient`'s loss; returns the params,
     the moments and each step's loss (detached tensors).
 
@@ -61,6 +62,8 @@ def adam_steps(gradient: Gradient, params: Params, batches: Sequence[Any], lr: f
     (first order); 2: the graph runs through every step. It never syncs with the host nor marks a
     tensor for autograd, so one loop serves both: `inner_loop` hands it `torch.autograd.grad`, and
     meta-training's batched step (`model.meta.batching`) `torch.func.grad_and_value` under `vmap`.
+    `stop`, asked after each step, ends the loop there (a time budget, a cancelled task): the
+    losses returned then say how many steps were taken.
     """
     losses = []
     for batch in batches:
@@ -73,4 +76,6 @@ def adam_steps(gradient: Gradient, params: Params, batches: Sequence[Any], lr: f
         losses.append(value.detach())
         if on_step:
             on_step(len(losses), len(batches), losses[-1])
+        if stop is not None and stop():
+            break
     return params, state, losses

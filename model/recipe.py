@@ -43,6 +43,14 @@ class Recipe:
     prompt_grad: with context_demos None, whether gradients flow through the prompt's keys and
         values (False: they are recomputed each step but held constant, a backward pass less).
     predict_demos: demonstrations in context when predicting (None: as many as fit the budget).
+    retrieve: demonstrations per query chosen by similarity (`model.retrieval`): the query's
+        nearest by cosine of the base model's mean-pooled hidden states, taken round-robin over
+        the labels (label-balanced), as many as fit beside the query, shown in the task's order.
+        None: the fixed prompt for every query. The rule: retrieval applies only where the
+        demonstrations do not all fit the context budget beside the query (n large) and
+        `predict_demos` is None (a number pins the fixed prompt); where they all fit, the fixed
+        prompt holds them all and predictions and calibration are exactly those without
+        retrieval. Queries that choose the same set share one encoded prefix (`predict` groups them).
     length_norm: an option's score is its mean log-likelihood per token (True) or the sum.
     min_demos: with fewer demonstrations than this nothing is trained (steps 0): the prompt and
         the calibration still apply. At k=4 the trained recipe lost to calibrated in-context
@@ -72,6 +80,10 @@ class Recipe:
     context_demos: int | None = None
     prompt_grad: bool = False
     predict_demos: int | None = None
+    # 16 per query: the k at which this recipe was chosen, and half the 1,024-token budget's ~30
+    # short demonstrations, so each query's own prefix (not shared: grouped by set) costs less.
+    # Not yet measured against the fixed prompt at n >= 256 (bench/adapt_quality.py, issue 17).
+    retrieve: int | None = 16
     length_norm: bool = True
     calibrate: bool = True
     min_demos: int = 5
@@ -85,6 +97,8 @@ class Recipe:
             raise ValueError("epochs must be >= 0, batch_size >= 1 and context_demos >= 0 or None")
         if self.predict_demos is not None and self.predict_demos < 0:
             raise ValueError("predict_demos must be >= 0 or None (all that fit)")
+        if self.retrieve is not None and self.retrieve < 1:
+            raise ValueError("retrieve must be >= 1 or None (the fixed prompt)")
         if self.min_demos < 0:
             raise ValueError("min_demos must be >= 0")
         if not 0 <= self.min_steps <= self.max_steps:
@@ -117,5 +131,5 @@ class Recipe:
 
 DEFAULT = Recipe()
 # MetaICL's in-context prediction, the baseline: no training, every demonstration that fits in
-# context, mean log-likelihood per token, no calibration.
-ICL = Recipe(loss="lm", epochs=0, predict_demos=None, calibrate=False, min_steps=0)
+# context (the same fixed ones for every query), mean log-likelihood per token, no calibration.
+ICL = Recipe(loss="lm", epochs=0, predict_demos=None, retrieve=None, calibrate=False, min_steps=0)

@@ -13,8 +13,9 @@ from transformers import DynamicCache
 
 from model.lm import LM
 from model.prefix import Prefix, build_prefix, in_context, score_rows
-from model.prompts import Formatter, Row
+from model.prompts import Formatter, Row, longest
 from model.recipe import ICL, Recipe
+from model.retrieval import applies, contexts, embed, grouped, shown as chosen_task
 from model.task import Example, Query, Task
 
 
@@ -37,6 +38,7 @@ def predict(
     prefix: Prefix | None = None,
     cache: bool = True,
     max_new_tokens: int = 32,
+    embeddings: Tensor | None = None,
 ) -> list[Prediction]:
     """Answer each query: the best option by score, or greedy text for generation tasks.
 
@@ -46,6 +48,10 @@ def predict(
     uses the task's own options. `prefix` lets a caller (the worker) reuse a task's encoded
     prefix across requests; it must have been encoded with the same params and context, and
     leave room for these queries' rows.
+
+    With `recipe.retrieve`, where the fixed prompt would not show every demonstration, each
+    query gets its nearest ones instead (`model.retrieval`; `embeddings` are the demonstrations',
+    computed here when not given), and queries that chose the same set share one prefix.
     """
     fmt = fmt or Formatter(lm.encode)
     shown = in_context(task, recipe)
@@ -54,6 +60,9 @@ def predict(
     ]
     rows = [r for rs in per_query if rs for r in rs]
     gen_rows = [fmt.row(q.input, "") for q, rs in zip(queries, per_query) if rs is None]
+    if prefix is None and applies(fmt, task, recipe, longest(rows + [Row(r.ctx, [0] * max_new_tokens) for r in gen_rows])):
+        sizes = [longest(rs) if rs else len(fmt.row(q.input, "").ctx) + max_new_tokens for q, rs in zip(queries, per_query)]
+        return _retrieved(lm, task, queries, sizes, params, recipe, prior, fmt, cache, max_new_tokens, embeddings)
     if prefix is None:
         prefix = build_prefix(lm, fmt, shown, rows + [Row(r.ctx, [0] * max_new_tokens) for r in gen_rows], params, cache)
     scored = iter(score_rows(lm, prefix, rows, params))
@@ -71,6 +80,23 @@ def predict(
             scores[o] = (lp / n if recipe.length_norm else lp) - shift.get(o, 0.0)
         preds.append(Prediction(max(opts, key=scores.__getitem__), scores))
     return preds
+
+
+def _retrieved(lm: LM, task: Task, queries: Sequence[Query | Example], sizes: Sequence[int],
+               params: Mapping[str, Tensor] | None, recipe: Recipe, prior: Mapping[str, float] | None, fmt: Formatter,
+               cache: bool, max_new_tokens: int, embeddings: Tensor | None) -> list[Prediction]:
+    """`predict` with each query's own chosen demonstrations: one fixed-prompt call per distinct set."""
+    if embeddings is None:
+        embeddings = embed(lm, [d.input for d in task.demonstrations])
+    chosen = contexts(lm, fmt, task, recipe, queries, sizes, embeddings)
+    fixed = recipe.but(retrieve=None, predict_demos=None)
+    preds: list[Prediction | None] = [None] * len(queries)
+    for c, members in grouped(chosen).items():
+        got = predict(lm, chosen_task(task, c), [queries[i] for i in members], params, fixed, prior, fmt, None, cache,
+                      max_new_tokens)
+        for i, p in zip(members, got):
+            preds[i] = p
+    return preds  # type: ignore[return-value]
 
 
 @torch.no_grad()
