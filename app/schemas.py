@@ -79,6 +79,10 @@ class Progress(BaseModel):
     loss: float | None = None
     loss_before: float | None = None
     loss_after: float | None = None
+    eta_s: float | None = Field(None, description="while adapting: seconds left for the training steps (the mean "
+                                "step time so far x the steps left, at most the time budget's rest); null otherwise")
+    stopped: str | None = Field(None, description="why training ended before the planned steps: time_budget (the "
+                                "setting adapt_time_budget_s; step says how many ran of steps); null: all ran")
 
 
 class TaskUsage(BaseModel):

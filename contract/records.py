@@ -46,6 +46,8 @@ class TaskRecord(TypedDict, total=False):
     n_steps: int
     epoch: float
     loss: float
+    eta_s: float | None  # while adapting: seconds left for the training steps (worker/tasks.py)
+    stopped: str | None  # why training ended before n_steps ("time_budget"; step says how many ran)
     loss_before: float  # support loss before and after adaptation
     loss_after: float
     error: str | None

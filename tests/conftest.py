@@ -46,6 +46,9 @@ ENV = {
     "MAMLSERVE_ADMIN_KEY": ADMIN_KEY,
     "MAMLSERVE_ENV": "development",
     "MAMLSERVE_ADAPT_MAX_STEPS": "60",
+    # Runs of a set number of steps (600 in the reaper test) end by their steps on a loaded machine,
+    # not by the 300 s budget; tests/test_adapt_progress.py tests the budget.
+    "MAMLSERVE_ADAPT_TIME_BUDGET_S": "3600",
     "MAMLSERVE_WORKER_LRU_SIZE": "2",
     "MAMLSERVE_MAX_REQUEST_BYTES": "200000",
     "MAMLSERVE_MAX_UPLOAD_BYTES": "2000000",

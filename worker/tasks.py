@@ -183,7 +183,7 @@ def adapt(self, task_id: str, run: str | None = None) -> str:
 
     with running(rt, task_id, run):
         if not st.claim_task(task_id, run, ME, rec.get("worker"), started_at=now(), step=0, epoch=0.0,
-                             n_steps=rec["steps"], error=None):
+                             n_steps=rec["steps"], error=None, eta_s=None, stopped=None):
             return "superseded"
         return _adapt(rt, rec, run)
 
@@ -191,10 +191,22 @@ def adapt(self, task_id: str, run: str | None = None) -> str:
 def _adapt(rt: Runtime, rec: dict[str, Any], run: str | None) -> str:
     st, task_id = rt.store, rec["id"]
     per_step = rec.get("epochs", 0.0) / max(rec["steps"], 1)  # epochs are steps x batch / demonstrations
+    t0 = time.monotonic()
+    first: list[float] = []  # when step 1 ended: the mean step time counts from there (setup excluded)
+
+    def eta(i: int, n: int) -> float:
+        """Seconds left for the training steps: the mean step time so far x the steps left, at
+        most what is left of the time budget (the loop stops there)."""
+        t = time.monotonic()
+        if not first:
+            first.append(t)
+        mean = (t - first[0]) / (i - 1) if i > 1 else t - t0
+        return round(max(0.0, min(mean * (n - i), rt.s.adapt_time_budget_s - (t - t0))), 1)
 
     def on_step(i: int, n: int, loss: float) -> None:
-        try:
-            if not st.update_task(task_id, run=run, step=i, n_steps=n, epoch=round(i * per_step, 3), loss=loss):
+        try:  # a deleted task (or a superseded run) makes this False: Gone ends the loop at this step
+            if not st.update_task(task_id, run=run, step=i, n_steps=n, epoch=round(i * per_step, 3), loss=loss,
+                                  eta_s=eta(i, n)):
                 raise Gone(task_id)
         except TRANSIENT:  # progress is not worth stopping for: the run goes on while Redis restarts
             log.warning("task %s: progress not recorded (Redis unavailable)", task_id)
@@ -203,7 +215,6 @@ def _adapt(rt: Runtime, rec: dict[str, Any], run: str | None) -> str:
         st.update_task(task_id, run=run, status="failed", finished_at=now(), error=error)
         return "failed"
 
-    t0 = time.monotonic()
     try:
         try:
             result = rt.run_adaptation(rec, on_step)
@@ -217,7 +228,9 @@ def _adapt(rt: Runtime, rec: dict[str, Any], run: str | None) -> str:
             return fail(f"the adapted weights ({size} bytes) would take this tenant's stored weights over the limit of "
                         f"{S.max_weights_bytes} bytes: delete tasks to make room, then post this one again")
         done = patient(st.finish_task)(task_id, run, finished_at=now(), loss_before=result.loss_before,
-                                       loss_after=result.loss_after, weights_bytes=size,
+                                       loss_after=result.loss_after, weights_bytes=size, step=result.steps,
+                                       n_steps=result.planned, epoch=round(result.epochs, 3), eta_s=None,
+                                       stopped=result.stopped,
                                        adapt_seconds=round(time.monotonic() - t0, 3), **pointer)
     except Gone:
         return "deleted"

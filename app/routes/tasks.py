@@ -40,7 +40,8 @@ def info(rec: dict[str, Any], request: Request) -> TaskInfo:
         usage=TaskUsage(adapt_seconds=rec.get("adapt_seconds")),
         progress=Progress(step=rec.get("step", 0), steps=rec.get("n_steps", rec["steps"]), epoch=rec.get("epoch", 0.0),
                           epochs=rec.get("epochs", 0.0), loss=rec.get("loss"),
-                          loss_before=rec.get("loss_before"), loss_after=rec.get("loss_after")),
+                          loss_before=rec.get("loss_before"), loss_after=rec.get("loss_after"),
+                          eta_s=rec.get("eta_s") if rec["status"] == "adapting" else None, stopped=rec.get("stopped")),
         attempts=rec.get("attempts", 0), created_at=rec["created_at"], started_at=rec.get("started_at"),
         finished_at=rec.get("finished_at"),
     )
