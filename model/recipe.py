@@ -46,9 +46,10 @@ class Recipe:
     retrieve: demonstrations per query chosen by similarity (`model.retrieval`): the query's
         nearest by cosine of the base model's mean-pooled hidden states, taken round-robin over
         the labels (label-balanced), as many as fit beside the query, shown in the task's order.
-        None: the fixed prompt for every query. The rule: retrieval applies only where the
-        demonstrations do not all fit the context budget beside the query (n large) and
-        `predict_demos` is None (a number pins the fixed prompt); where they all fit, the fixed
+        None: the fixed prompt for every query. The rule: retrieval applies only where there are
+        more than `retrieve` demonstrations (so k=16, where the fixed prompt was measured, keeps it),
+        they do not all fit the context budget beside the query (n large) and `predict_demos` is
+        None (a number pins the fixed prompt); where they all fit, the fixed
         prompt holds them all and predictions and calibration are exactly those without
         retrieval. Queries that choose the same set share one encoded prefix (`predict` groups them).
     length_norm: an option's score is its mean log-likelihood per token (True) or the sum.

@@ -71,9 +71,10 @@ def choose(sims: Tensor, labels: Sequence[str | None], sizes: Sequence[int], k: 
 
 def applies(fmt: Formatter, task: Task, recipe: Recipe, longest_row: int) -> bool:
     """Whether a query with rows this long gets demonstrations chosen for it (the rule in `Recipe`):
-    retrieval is on, the prompt is not pinned to a number of demonstrations (`predict_demos`), and
-    the demonstrations do not all fit the context budget beside the rows."""
-    if recipe.retrieve is None or recipe.predict_demos is not None or not task.demonstrations:
+    retrieval is on, the prompt is not pinned to a number of demonstrations (`predict_demos`), there
+    are more demonstrations than `retrieve`, and they do not all fit the context budget beside the rows."""
+    # n <= retrieve: there is nothing to choose among; the fixed prompt is the measured recipe (k=16)
+    if recipe.retrieve is None or recipe.predict_demos is not None or len(task.demonstrations) <= recipe.retrieve:
         return False
     return fmt.prefix(task.instruction, task.demonstrations, longest_row)[1] < len(task.demonstrations)
 

@@ -144,11 +144,12 @@ def test_worker_predicts_with_retrieval_where_the_demonstrations_do_not_fit():
     rt.lm, rt.fmt, rt.s = LM, Formatter(LM.encode, budget=40), SimpleNamespace(max_new_tokens=4)
     entry = Entry({}, {})
     rt.task, rt.ensure_weights = (lambda rec: task), (lambda rec: entry)
-    rec = {"recipe": DEFAULT.to_dict()}
+    recipe = DEFAULT.but(retrieve=4)  # fewer than the 10 demonstrations: there is a choice to make
+    rec = {"recipe": recipe.to_dict()}
     queries = [Query(input=d.input) for d in task.demonstrations[:4]]
     got = rt.predict(rec, queries)
     assert entry.embeddings is not None and not entry.prefixes  # retrieved: no shared prefix kept
-    want = predict(LM, task, queries, recipe=DEFAULT, fmt=rt.fmt, embeddings=entry.embeddings)
+    want = predict(LM, task, queries, recipe=recipe, fmt=rt.fmt, embeddings=entry.embeddings)
     assert [p.scores for p in got] == [p.scores for p in want]
     rt.fmt = Formatter(LM.encode)  # everything fits: the fixed prompt, its prefix cached as before
     rt.predict(rec, queries)

@@ -111,3 +111,12 @@ def test_should_stop_ends_the_loop_at_the_step_it_says(lm):
     a = adapt(lm, sentiment_task(), Recipe(epochs=8, batch_size=2), on_step=lambda i, n, loss: seen.append(i),
               should_stop=lambda: len(seen) >= 3)
     assert seen == [1, 2, 3] and (a.steps, a.stopped) == (3, "stopped")
+
+
+def test_no_more_demonstrations_than_retrieve_keeps_the_fixed_prompt(lm):
+    """k <= retrieve (the default 16 at k=16, the measured recipe): nothing to choose among, so the
+    fixed prompt applies even where the demonstrations do not all fit."""
+    task = sentiment_task()
+    tight = Formatter(lm.encode, budget=40)  # not all 10 fit
+    assert not applies(tight, task, DEFAULT.but(retrieve=10), 8)
+    assert applies(tight, task, DEFAULT.but(retrieve=9), 8)
