@@ -308,12 +308,15 @@ def markdown(summary: dict[str, Any], k: int, subset: str, seeds: Sequence[int],
 # --------------------------------------------------------------------------- main
 def config_key(name: str, recipe: Recipe | None, lora: LoraSpec, mode: str = "lora", k: int = 16,
                ckpt_id: str | None = None) -> str:
-    """What a journaled result depends on. `min_demos` counts only where it changes the steps
-    at this k (so results from before it existed still match)."""
+    """What a journaled result depends on. `min_demos` counts only where it changes the steps at
+    this k, `retrieve` only where there are more demonstrations than it (so results from before
+    either existed still match)."""
     fields = recipe.to_dict() if recipe else None
     every_layer = LoraSpec(8, 16, ("q_proj", "v_proj"), None)  # the layout of the first runs: their keys name none
     if fields and (k >= recipe.min_demos or not recipe.epochs):
         del fields["min_demos"]
+    if fields and (recipe.retrieve is None or k <= recipe.retrieve):  # retrieval cannot apply (model.retrieval.applies)
+        del fields["retrieve"]
     body = json.dumps({"name": name, "recipe": fields, "peer": PEER if name == "peft_trainer" else None}
                       | ({"lora": lora.__dict__} if recipe and recipe.epochs and lora != every_layer and mode == "lora" else {})
                       | ({"mode": mode} if mode != "lora" else {}) | ({"checkpoint": ckpt_id} if ckpt_id else {}),
