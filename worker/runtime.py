@@ -4,37 +4,31 @@ Weights are looked up in order: this process's LRU, then the blob stores every m
 (contract/blobs.py: adapted LoRA weights and full-mode deltas in the cache Redis under a key with the
 configuration's fingerprint, imported adapters beside the records), then adapted again from the
 record's demonstrations, so an evicted task answers as if nothing happened. Nothing a task needs
-is on this machine's disk.
+is on this machine's disk. Exports and imports of a task's weights: worker/adapters.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from contract.blobs import shared, store_of, weights_cache
+from contract.blobs import store_of, weights_cache
 from contract.demos import DemosGone, task_json
-from contract.config import fingerprint, model_lock, service_config
-from contract.store import BASE, Store, imported_key, task_weights_key, weights_key
+from contract.config import fingerprint, service_config
+from contract.store import BASE, Store, task_weights_key, weights_key
 from model import weights
 from model.adapt import Adapted, adapt, start_params
 from model.calibration import option_prior
-from model.files import SMOLLM2, base_id, model_folder
 from model.generation import Piece, Sampling, stream
 from model.lm import LM, LoraSpec, Params
 from model.loading import load_lm
 from model.optim import AdamState
-from model.prefix import Prefix, encode_prefix, in_context
+from model.prefix import encode_prefix, in_context
 from model.prompts import Formatter, Row, longest
 from model.recipe import Recipe
 from model.retrieval import applies, embed, task_embeddings
@@ -42,28 +36,14 @@ from model.scoring import Prediction, predict
 from model.settings import Settings
 from model.task import Query, Task
 from worker import checkpoints
+from worker.entry import EMBEDDINGS, Entry, _meta, _prior, _split, _with_embeddings  # noqa: F401 (EMBEDDINGS: read here by tests)
+from worker.machine import base_info, cores, prepare_model
 
 log = logging.getLogger(__name__)
 
 
-def prepare_model(s: Settings) -> None:
-    """Convert the base model once (the GGUF read takes ~20 s) before anything races for it."""
-    if s.base_model != "tiny":
-        with model_lock(s.data_dir):
-            model_folder(s.base_model, s.data_dir)
-
-
 def lora_spec(s: Settings) -> LoraSpec:
     return LoraSpec.of(s)
-
-
-@dataclass
-class Entry:
-    params: Params  # every override to predict with: checkpoint params + the adapted ones
-    adapted: Params  # the adapted part alone (LoRA weights, or the full-mode weights)
-    prior: dict[str, float] | None = None  # option -> calibrated log prior (Recipe.calibrate)
-    prefixes: dict[int, Prefix] = field(default_factory=dict)  # demonstrations used -> encoded prefix
-    embeddings: torch.Tensor | None = None  # the demonstrations', where predictions retrieve (Recipe.retrieve)
 
 
 def recipe_of(rec: dict[str, Any]) -> Recipe:
@@ -75,58 +55,12 @@ def recipe_of(rec: dict[str, Any]) -> Recipe:
                   predict_demos=None, calibrate=False, min_demos=0, min_steps=steps, max_steps=steps)
 
 
-def _meta(prior: dict[str, float] | None) -> dict[str, str]:
-    return {"prior": json.dumps(prior)}
-
-
-def _prior(meta: dict[str, str] | None) -> dict[str, float] | None:
-    return json.loads((meta or {}).get("prior", "null"))
-
-
-# The demonstrations' retrieval embeddings travel in the weights' safetensors beside the prior
-# (stored once with the task's adapted state, found wherever the weights are), under a name no
-# model parameter has; fp16 halves them (5,000 x 576 in 5.8 MB) and cosine ranks hardly move.
-EMBEDDINGS = "mamlserve.retrieval.embeddings"
-
-
-def _with_embeddings(params: Params, embeddings: torch.Tensor | None) -> Params:
-    return params if embeddings is None else {**params, EMBEDDINGS: embeddings.half()}
-
-
-def _split(tensors: Params) -> tuple[Params, torch.Tensor | None]:
-    got = tensors.pop(EMBEDDINGS, None)
-    return tensors, None if got is None else got.float().cpu()
-
-
 class Refused(Exception):
     """What was asked cannot be done for this task (409), and why."""
 
 
 class Misrouted(Exception):
     """A task of another configuration reached this worker (the API sends it elsewhere)."""
-
-
-def base_info(s: Settings, lm: LM) -> dict[str, str]:
-    """The base model as exports name it: its Hugging Face id, the sha256 of its weights, and
-    where the service keeps it (relative to the data dir: no server path leaves the service)."""
-    info = {"id": base_id(s.base_model, s.data_dir), "name": lm.name, "sha256": lm.sha256}
-    if s.base_model == SMOLLM2:
-        info["folder"] = f"$MAMLSERVE_DATA_DIR/models/{model_folder(s.base_model, s.data_dir).name}"
-    return info
-
-
-def cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """The cores this process may use: its CPU affinity (taskset, cpusets), capped by a cgroup v2
-    CPU quota (docker --cpus). torch's default counts every core of the machine, and threads
-    beyond the quota only wait for each other."""
-    n = len(os.sched_getaffinity(0))
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota here
-    return n
 
 
 class Runtime:
@@ -277,7 +211,6 @@ class Runtime:
         full = {k: start[k] + d.to(start[k].dtype) for k, d in tensors.items()}
         return self._remember(digest, Entry({**fixed, **full}, full, _prior(meta), embeddings=emb))
 
-
     def ensure_weights(self, rec: dict[str, Any]) -> Entry:
         """The task's weights, adapted again from its demonstrations when they were evicted."""
         entry = self.load_weights(rec)
@@ -345,58 +278,3 @@ class Runtime:
         ctx = self.fmt.row(text, "").ctx
         prefix = self._prefix(entry, task, recipe_of(rec), [Row(ctx, [0] * sp.max_tokens)])
         return stream(self.lm, prefix, ctx, entry.params or None, sp, stopped)
-
-    # --- adapters out and in
-    def _info(self, rec: dict[str, Any], entry: Entry, kind: str) -> dict[str, Any]:
-        task = rec["task"]
-        return {"format": kind, "base_model": self.base, "task_id": rec["id"], "checkpoint": rec["checkpoint"],
-                "mode": rec["mode"], "prompt_format": self.s.prompt_format, "recipe": recipe_of(rec).to_dict(),
-                "instruction": task.get("instruction"), "options": task.get("options"), "prior": entry.prior}
-
-    def export(self, rec: dict[str, Any], kind: str = "auto") -> tuple[str, bytes]:
-        """What the task predicts with, zipped: `lora`, a PEFT adapter folder on the base model, or
-        `full`, a Hugging Face model folder (its full-mode weights, or a full-space checkpoint's, any
-        LoRA merged in). `auto`: the LoRA where one holds all of it. Refused (with why) where the
-        task has no weights of its own, or a LoRA cannot hold what it predicts with."""
-        if rec["mode"] == "none" and rec["checkpoint"] == BASE:
-            raise Refused(f"this task runs in context on the base model {self.base['id']!r}: it has no weights of its "
-                          "own to export (its instruction and demonstrations are the whole task)")
-        entry = self.ensure_weights(rec)
-        lora_names = set(self.lm.lora_names)
-        changes_base = any(k not in lora_names for k in entry.params)
-        if kind == "lora" and changes_base:
-            why = "it was adapted in full mode" if rec["mode"] == "full" else \
-                f"it starts from checkpoint {rec['checkpoint']}, meta-trained in the full space"
-            raise Refused(f"a LoRA cannot hold what this task predicts with: {why}, which changes the base model's own "
-                          "weights; ask for format=full (a Hugging Face model folder)")
-        kind = ("full" if changes_base else "lora") if kind == "auto" else kind
-        info = self._info(rec, entry, kind)
-        if kind == "full":
-            return kind, weights.zip_files(weights.full_files(self.lm, weights.merged(self.lm, entry.params), info))
-        lora = {n: entry.params[n] if n in entry.params else torch.zeros_like(p) for n, p in self.lm.params("lora").items()}
-        return kind, weights.peft_zip(self.lm, lora, self.base["id"], info)
-
-    def import_adapter(self, rec: dict[str, Any], data: bytes, max_bytes: int) -> dict[str, Any]:
-        """Check a PEFT adapter zip against this base and store it beside the records for the task
-        (a record not created yet): the record fields that point at it. AdapterError says what does
-        not fit."""
-        self.check_configuration(rec)
-        files = weights.read_zip(data, max_bytes)
-        try:
-            cfg = json.loads(files[weights.CONFIG])
-            info = json.loads(files.get(weights.INFO, b"{}"))
-            if not isinstance(cfg, dict) or not isinstance(info, dict):
-                raise ValueError("not a JSON object")
-            tensors = weights.from_bytes(files[weights.WEIGHTS])
-        except Exception as e:  # noqa: BLE001 (JSON, UTF-8 and safetensors each raise their own)
-            raise weights.AdapterError(f"the adapter's files are unreadable: {type(e).__name__}: {e}") from None
-        weights.check_base(cfg, info, self.base)
-        lora = {k: v.to(self.lm.device) for k, v in weights.fit_lora(self.lm, cfg, tensors).items()}
-        recipe, task = recipe_of(rec), self.task(rec)
-        ck = self.checkpoint(rec["checkpoint"])
-        emb = task_embeddings(self.lm, self.fmt, task, recipe)
-        prior = option_prior(self.lm, task, {**ck, **lora}, recipe, self.fmt, emb) if recipe.calibrate else None
-        key, blob = imported_key(rec["hash"]), weights.to_bytes(_with_embeddings(lora, emb), _meta(prior))
-        shared(self.s).put(key, blob)
-        return {"weights_key": key, "weights_bytes": len(blob)}
-

@@ -39,6 +39,7 @@ from model.generation import Sampling
 from model.prompts import PromptTooLong
 from model.settings import get_settings
 from model.task import Limits, Query
+from worker import adapters
 from worker.celery_app import app
 from worker.checkpoints import CheckpointError
 from worker.runtime import Misrouted, Refused, Runtime
@@ -384,9 +385,9 @@ CHUNK = 4 << 20  # bytes of an export per message
 
 @app.task(name="worker.tasks.adapter", acks_late=False, ignore_result=True)
 def adapter(task_id: str, kind: str, reply: str) -> None:
-    """The task's weights as a zip (Runtime.export), streamed: {kind, size}, then base64 chunks, then end."""
+    """The task's weights as a zip (worker/adapters.py export), streamed: {kind, size}, then base64 chunks, then end."""
     def run(rt: Runtime, rec: dict[str, Any], stopped):
-        got, data = rt.export(rec, kind)
+        got, data = adapters.export(rt, rec, kind)
         yield {"kind": got, "size": len(data)}
         for i in range(0, len(data), CHUNK):
             yield {"chunk": base64.b64encode(data[i: i + CHUNK]).decode()}
@@ -400,7 +401,7 @@ def import_adapter(rec: dict[str, Any], zip_b64: str, max_bytes: int, reply: str
     """Check and store an adapter for a task record the API will create: the fields that point at it."""
     rt = runtime()
     _take(rt, reply)
-    body = _safely(lambda: rt.import_adapter(rec, base64.b64decode(zip_b64), max_bytes), rec["id"])
+    body = _safely(lambda: adapters.import_adapter(rt, rec, base64.b64decode(zip_b64), max_bytes), rec["id"])
     patient(_reply)(rt.store, REPLY + reply, body)
 
 
