@@ -176,7 +176,7 @@ class Router:
             return body
 
     async def stream(self, fingerprint: str, name: str, args: list[Any]) -> AsyncIterator[dict[str, Any]]:
-        """The worker's messages for one call as they come (worker/tasks.py `_stream`), up to the
+        """The worker's messages for one call as they come (worker/replies.py `stream`), up to the
         one that says end. Sent again elsewhere when its worker dies before the first message;
         after it, a 503 (what was streamed cannot be taken back). An error message raises. Closed
         early (the client went away), it tells the worker to stop (the cancel key)."""

@@ -3,7 +3,7 @@ and configuration, crash-safe delivery.
 
 Roles: `predict` (what users wait on), `adapt` and `meta` (hours-long meta-training). A worker
 is started with the roles it takes (`-Q predict,adapt,meta`); at start it replaces them with its
-real queues (worker/tasks.py `_queues`): `adapt.<fingerprint>` and `meta.<fingerprint>`, shared
+real queues (worker/process.py `_queues`): `adapt.<fingerprint>` and `meta.<fingerprint>`, shared
 by every worker of the same configuration (contract/config.py), and, for `predict`, its own direct
 queue: the API sends each prediction to one live worker it picks, so that it knows whom to
 watch and can send the call again elsewhere when that worker dies (app/routing.py). Any number

@@ -6,158 +6,36 @@ reply list the API waits on with BLPOP, so their results never need the result b
 mark the call taken by this process, so that the API, watching this process's heartbeat, sends
 the call to another worker within seconds when this one dies.
 
-Each process beats a heartbeat (contract/store.py WORKERS): its model and configuration
-fingerprint, its node (whose direct queue reaches it), its roles, and the run it is on. The API
-reads them to route calls (app/routing.py), for /readyz, and to queue again a run whose own
-worker stopped beating (app/adaptations.py).
+The process (its name, queues, model and heartbeat) is worker/process.py; the replies to the
+API's calls, worker/replies.py.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import math
-import os
-import socket
-import threading
 import time
-from contextlib import contextmanager
 from typing import Any
 
-import redis
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import celeryd_after_setup, worker_process_init, worker_process_shutdown
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from contract.blobs import shared, store_of
-from contract.config import fingerprint, local_config
-from contract.queues import QUEUES, direct, queue
 from contract.records import job_config
-from contract.store import CANCEL, REPLY, Store, now, retrying, task_weights_key
+from contract.store import REPLY, now, task_weights_key
 from model.generation import Sampling
 from model.prompts import PromptTooLong
 from model.settings import get_settings
 from model.task import Limits, Query
-from worker import adapters
+from worker import adapters, process, replies
 from worker.celery_app import app
 from worker.checkpoints import CheckpointError
-from worker.runtime import Misrouted, Refused, Runtime
+from worker.errors import TRANSIENT, Gone, patient, soft_limit
+from worker.process import running, runtime
+from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 S = get_settings()
-TRANSIENT = (redis.ConnectionError, redis.TimeoutError)  # a Redis restarting: wait, or leave the run to the reaper
-# Writes that end an adaptation wait out a Redis restart: the run they save cost minutes.
-patient = retry(retry=retry_if_exception_type(TRANSIENT), stop=stop_after_delay(60),
-                wait=wait_exponential(multiplier=0.2, max=5), reraise=True)
-
-_runtime: Runtime | None = None
-_stop = threading.Event()
-_beat_lock = threading.Lock()
-_on: dict[str, str] = {}  # the task (or job) and run this process is on, sent with every heartbeat
-ME = ""  # this process in the heartbeats: host:pid
-NODE = ""  # the Celery worker this process belongs to (its direct queue's name), set before the pool forks
-ROLES: list[str] = list(QUEUES)  # the roles it was started with (-Q)
-_parent = 0  # a pool child's Celery parent process (0: not a pool child)
-
-
-@celeryd_after_setup.connect
-def _queues(sender: str, instance, **_: Any) -> None:
-    """Replace the roles given with -Q by this worker's queues: `adapt.<fingerprint>` and
-    `meta.<fingerprint>`, shared with the workers of the same configuration, and its direct
-    queue for the API's calls (contract/queues.py). In the parent, before the pool forks: the
-    children inherit NODE and ROLES; the fingerprint needs no model loaded (its files' hash)."""
-    global NODE, ROLES
-    NODE = sender
-    queues = instance.app.amqp.queues
-    ROLES = [r for r in QUEUES if r in (queues.consume_from or QUEUES)]
-    fp = fingerprint(local_config(S))
-    for name in list(queues.consume_from or queues):
-        queues.deselect(name)
-    queues.select_add(direct(NODE))  # first: the queue order is the priority order
-    for role in ("adapt", "meta"):
-        if role in ROLES:
-            queues.select_add(queue(role, fp))
-    log.info("worker %s: roles %s, configuration %s", NODE, ",".join(ROLES), fp)
-
-
-def runtime() -> Runtime:
-    """The process's model, loaded on first use (the solo pool sends no worker_process_init)."""
-    global _runtime, ME
-    if _runtime is None:
-        ME = f"{socket.gethostname()}:{os.getpid()}"
-        _runtime = Runtime(get_settings(), NODE or ME)
-        threading.Thread(target=_heartbeat, args=(_runtime,), daemon=True).start()
-    return _runtime
-
-
-def _model_info(rt: Runtime) -> dict[str, Any]:
-    return {"model": rt.lm.name, "sha256": rt.lm.sha256, "device": str(rt.lm.device), "node": NODE,
-            "roles": ROLES, "fingerprint": rt.fingerprint, "config": rt.config}
-
-
-def _beat(rt: Runtime) -> None:
-    # Under the lock: a beat never carries an older run than one written before it.
-    with _beat_lock:
-        rt.store.beat(ME, {**_model_info(rt), **_on})
-
-
-def _heartbeat(rt: Runtime) -> None:
-    """Tell /readyz that a process with the model loaded is alive, and the reaper which run it is on.
-    A pool child whose Celery parent was killed exits: nothing would take its calls or acknowledge
-    its message, and it must not look alive (the API routes calls by heartbeat)."""
-    while not _stop.is_set():
-        if _parent and os.getppid() != _parent:
-            log.error("the worker's parent process %d is gone: exiting", _parent)
-            os._exit(1)
-        try:
-            _beat(rt)
-        except Exception:  # Redis away for a moment: the next beat tries again
-            log.warning("heartbeat failed", exc_info=True)
-        _stop.wait(S.heartbeat_s)
-    rt.store.gone(ME)
-
-
-@contextmanager
-def running(rt: Runtime, task_id: str, run: str | None):
-    """The heartbeat says this run (of a task, or a meta-training job's) from before the caller
-    claims it until after it has let it go."""
-    global _on
-    with _beat_lock:
-        _on = {"task": task_id, "run": run}
-    _beat(rt)
-    try:
-        yield
-    finally:
-        with _beat_lock:
-            _on = {}
-        try:
-            _beat(rt)
-        except Exception:  # the heartbeat thread says it within heartbeat_s
-            log.warning("heartbeat failed", exc_info=True)
-
-
-@worker_process_init.connect
-def _load_model(**_: Any) -> None:
-    # In the pool child, never the parent: CUDA must not be initialised before the fork.
-    global _parent
-    _parent = os.getppid()
-    runtime()
-
-
-@worker_process_shutdown.connect
-def _unload(**_: Any) -> None:
-    _stop.set()
-
-
-class Gone(Exception):
-    """The task record was deleted, or its run superseded, while the worker was on it."""
-
-
-def soft_limit(hard: int) -> int:
-    # The soft limit lands between two steps (a step of a big model can take a while) and marks
-    # the record failed; the hard limit's kill would leave it "adapting".
-    return max(1, hard - max(30, hard // 10))
 
 
 @app.task(name="worker.tasks.adapt", bind=True, time_limit=S.adapt_time_limit_s, soft_time_limit=soft_limit(S.adapt_time_limit_s))
@@ -179,11 +57,11 @@ def adapt(self, task_id: str, run: str | None = None) -> str:
         return "ready"  # a redelivery after the work was done
     if rec["status"] == "failed":
         return "failed"  # a redelivery after the run failed; posting the task again retries it
-    if rec["status"] == "adapting" and rec.get("worker") != ME and st.runs(rec.get("worker"), run, S.worker_dead_after_s):
+    if rec["status"] == "adapting" and rec.get("worker") != process.ME and st.runs(rec.get("worker"), run, S.worker_dead_after_s):
         return "running elsewhere"  # a redelivery while the first delivery is still running
 
     with running(rt, task_id, run):
-        if not st.claim_task(task_id, run, ME, rec.get("worker"), started_at=now(), step=0, epoch=0.0,
+        if not st.claim_task(task_id, run, process.ME, rec.get("worker"), started_at=now(), step=0, epoch=0.0,
                              n_steps=rec["steps"], error=None, eta_s=None, stopped=None):
             return "superseded"
         return _adapt(rt, rec, run)
@@ -260,85 +138,6 @@ def _weights_size(rt: Runtime, rec: dict[str, Any], pointer: dict[str, Any]) -> 
     return int(store_of(rt.s, key).size(key) or 0)
 
 
-@retrying
-def _reply(st: Store, key: str, body: dict[str, Any]) -> None:
-    st.r.pipeline().rpush(key, json.dumps(body)).expire(key, 120).execute()
-
-
-def _answer(reply: str, task_id: str, fn) -> None:
-    """Run fn(runtime, record) and push its result, or the error as a status and message, to the reply list."""
-    rt = runtime()
-    _take(rt, reply)
-    key = REPLY + reply
-    # Patient: the caller waits on its reply list through a Redis restart, so the answer should come.
-    rec = patient(rt.store.task)(task_id)
-    if rec is None:
-        return patient(_reply)(rt.store, key, {"status": 404, "error": f"task {task_id} not found"})
-    patient(_reply)(rt.store, key, _safely(lambda: fn(rt, rec), task_id))
-
-
-def _take(rt: Runtime, reply: str) -> None:
-    """Say that this process has the call: the API watches its heartbeat, not only its node's."""
-    try:
-        rt.store.take(reply, ME, int(S.predict_timeout_s) + 60)
-    except TRANSIENT:  # the API still watches the node; a Redis away has the caller waiting anyway
-        log.warning("call %s: not marked taken (Redis unavailable)", reply)
-
-
-def _safely(fn, task_id: str) -> dict[str, Any]:
-    """fn()'s answer, or its error as the status and message the API returns."""
-    try:
-        return fn()
-    except Exception as e:
-        return _error(e, task_id)
-
-
-def _error(e: Exception, task_id: str) -> dict[str, Any]:
-    if isinstance(e, Refused):
-        return {"status": 409, "error": str(e)}
-    if isinstance(e, Misrouted):
-        return {"status": 503, "error": str(e)}
-    if isinstance(e, (PromptTooLong, CheckpointError, ValueError)):
-        return {"status": 422, "error": str(e)}
-    if isinstance(e, TRANSIENT):  # the cache Redis restarting: the caller retries
-        return {"status": 503, "error": f"the service's Redis is unavailable ({type(e).__name__}); retry"}
-    log.exception("request on %s failed", task_id, exc_info=e)
-    return {"status": 500, "error": f"{type(e).__name__}: {e}"}
-
-
-BACKLOG = 8  # messages of a stream waiting in Redis for the API: the worker makes no more until it takes some
-STALL_S = 60.0  # a stream nobody reads for this long is abandoned
-
-
-def _stream(reply: str, task_id: str, fn) -> None:
-    """Run fn(runtime, record, stopped), an iterator of messages, pushing each to the reply list as
-    it comes, and a last one with end=True: fn's last (it says end itself) or the error, as a status
-    and why. Stops as soon as the caller went away (the API sets the cancel key), or stops reading."""
-    rt = runtime()
-    _take(rt, reply)
-    key, cancel = REPLY + reply, CANCEL + reply
-    rec = patient(rt.store.task)(task_id)
-    if rec is None:
-        return patient(_reply)(rt.store, key, {"status": 404, "error": f"task {task_id} not found", "end": True})
-
-    def stopped() -> bool:
-        return bool(rt.store.r.exists(cancel))
-
-    try:
-        for msg in fn(rt, rec, stopped):
-            waited = 0.0
-            while rt.store.r.llen(key) >= BACKLOG:
-                if stopped() or waited > STALL_S:
-                    return
-                time.sleep(0.05)
-                waited += 0.05
-            if stopped():
-                return
-            patient(_reply)(rt.store, key, msg)
-    except Exception as e:
-        patient(_reply)(rt.store, key, {**_error(e, task_id), "end": True})
-
-
 # acks_late off: a lost prediction is retried by its caller, not replayed an hour later.
 @app.task(name="worker.tasks.predict", acks_late=False, ignore_result=True)
 def predict(task_id: str, groups: list[list[dict[str, Any]]], reply: str) -> None:
@@ -358,13 +157,13 @@ def predict(task_id: str, groups: list[list[dict[str, Any]]], reply: str) -> Non
                 out.append({"predictions": merged[i: i + len(g)]})
                 i += len(g)
         except Exception:  # one caller's input broke the batch: answer each on its own
-            out = [_safely(lambda g=g: answer(rt, rec, g), task_id) for g in groups]
+            out = [replies.safely(lambda g=g: answer(rt, rec, g), task_id) for g in groups]
         rt.store.count("predictions", sum(len(g) for g in groups))
         rt.store.count("predict_batches")
         rt.store.count("predict_seconds_sum", time.monotonic() - t0)
         return {"groups": out}
 
-    _answer(reply, task_id, run)
+    replies.answer(reply, task_id, run)
 
 
 @app.task(name="worker.tasks.generate", acks_late=False, ignore_result=True)
@@ -377,7 +176,7 @@ def generate(task_id: str, text: str, sampling: dict[str, Any], reply: str) -> N
         rt.store.count("generations")
         rt.store.count("predict_seconds_sum", time.monotonic() - t0)
 
-    _stream(reply, task_id, run)
+    replies.stream(reply, task_id, run)
 
 
 CHUNK = 4 << 20  # bytes of an export per message
@@ -393,16 +192,16 @@ def adapter(task_id: str, kind: str, reply: str) -> None:
             yield {"chunk": base64.b64encode(data[i: i + CHUNK]).decode()}
         yield {"end": True}
 
-    _stream(reply, task_id, run)
+    replies.stream(reply, task_id, run)
 
 
 @app.task(name="worker.tasks.import_adapter", acks_late=False, ignore_result=True)
 def import_adapter(rec: dict[str, Any], zip_b64: str, max_bytes: int, reply: str) -> None:
     """Check and store an adapter for a task record the API will create: the fields that point at it."""
     rt = runtime()
-    _take(rt, reply)
-    body = _safely(lambda: adapters.import_adapter(rt, rec, base64.b64decode(zip_b64), max_bytes), rec["id"])
-    patient(_reply)(rt.store, REPLY + reply, body)
+    replies.take(rt, reply)
+    body = replies.safely(lambda: adapters.import_adapter(rt, rec, base64.b64decode(zip_b64), max_bytes), rec["id"])
+    patient(replies.push)(rt.store, REPLY + reply, body)
 
 
 def _finite(x: Any) -> Any:
@@ -430,7 +229,7 @@ def meta_train(self, job_id: str) -> str:
     if job is None or job["state"] in ("succeeded", "failed", "cancelled"):
         return "done"  # a redelivery of a finished (or cancelled while queued) job
     run = f"job:{job_id}"
-    if job["state"] == "running" and job.get("worker") != ME and st.runs(job.get("worker"), run, S.worker_dead_after_s):
+    if job["state"] == "running" and job.get("worker") != process.ME and st.runs(job.get("worker"), run, S.worker_dead_after_s):
         return "running elsewhere"  # a redelivery while the first delivery is still running
     cfg = job_config(job, S)
     mine = [m for m in checkpoints_listing() if (m.get("config") or {}).get("tag") == cfg.tag and m.get("step", 0) > 0]
@@ -439,7 +238,7 @@ def meta_train(self, job_id: str) -> str:
 
     def mine_still() -> bool:
         rec = st.job(job_id)
-        return rec is not None and rec.get("worker") == ME
+        return rec is not None and rec.get("worker") == process.ME
 
     def progress(step: int, total: int, metrics: dict[str, Any]) -> None:
         if mine_still():
@@ -447,10 +246,10 @@ def meta_train(self, job_id: str) -> str:
 
     def should_stop() -> bool:
         rec = st.job(job_id)
-        return rec is None or bool(rec.get("cancel")) or rec.get("worker") != ME
+        return rec is None or bool(rec.get("cancel")) or rec.get("worker") != process.ME
 
     with running(rt, job_id, run):
-        st.update_job(job_id, state="running", worker=ME, started_at=job.get("started_at") or now(), error=None)
+        st.update_job(job_id, state="running", worker=process.ME, started_at=job.get("started_at") or now(), error=None)
         try:
             source = mt.task_source(cfg.setting, shared(S))
             ckpt = mt.meta_train(cfg, progress=progress, should_stop=should_stop, source=source, registry=shared(S))

@@ -11,7 +11,7 @@ WordNet 3.0. Each task is one format: name, source, licence, kind (classificatio
 multiple-choice, QA, NLI, paraphrase, generation), options (a fixed label set on the task, or
 per example), optional instruction, and train/dev/test splits made with a fixed seed, after
 dropping examples over the token limit (256 of the default model's tokens per text) and
-duplicates. Kinds NLI / paraphrase / QA are assigned from hand-checked lists (sources.py); the
+duplicates. Kinds NLI / paraphrase / QA are assigned from hand-checked lists (sources/raw.py); the
 rest follow the format.
 
 API (what evaluation and meta-training build on):
