@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import checkpoints  # noqa: E402
-from model.evaluate_cli import load_for_eval, shortest_tasks  # noqa: E402
+from model.evaluate_cli import shortest_tasks  # noqa: E402
+from model.loading import load_for_autocast  # noqa: E402
 from model.meta_train import MetaTrainConfig, MetaTrainer, task_source  # noqa: E402
 from model.optim import AdamState  # noqa: E402
 from model.settings import get_settings  # noqa: E402
@@ -54,7 +55,7 @@ def main() -> None:
     data_dir = args.data_dir or get_settings().data_dir
     t0 = time.perf_counter()
 
-    lm = load_for_eval(args.model, data_dir, args.device or get_settings().device)
+    lm = load_for_autocast(args.model, data_dir, args.device or get_settings().device)
     source = task_source(args.setting, data_dir)
     source.held_out = shortest_tasks(lm, source.held_out, args.tasks)
     starts: dict[str, tuple[dict, AdamState | None]] = {"base": ({}, None)}

@@ -162,15 +162,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from model.loading import load_lm, resolve_device
+    from model.loading import load_for_autocast, resolve_device
     from model.settings import get_settings
 
     dev = resolve_device(args.device)
     if args.model in SHAPES:
         lm = random_llama(args.model, str(dev), LoraSpec())
     else:
-        lm = load_lm(args.model, args.data_dir or get_settings().data_dir, str(dev), LoraSpec(), attn="sdpa")
-        lm.model.float()  # fp32 parameters everywhere; CUDA runs under bf16 autocast
+        lm = load_for_autocast(args.model, args.data_dir or get_settings().data_dir, str(dev), LoraSpec())
     source = long_source(args.words)
     results = {}
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.batch_tasks]

@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import checkpoints  # noqa: E402
 from model.evaluate import checkpoint_variant, evaluate  # noqa: E402
-from model.evaluate_cli import load_for_eval, shortest_tasks  # noqa: E402
+from model.evaluate_cli import shortest_tasks  # noqa: E402
+from model.loading import load_for_autocast  # noqa: E402
 from model.meta_train import MetaTrainConfig, meta_train, task_source  # noqa: E402
 from model.metrics import paired  # noqa: E402
 from model.prompts import Formatter  # noqa: E402
@@ -135,7 +136,7 @@ def main() -> None:
     log.info("report folder %s (pass it as --out to resume this run)", out)
     t0 = time.perf_counter()
 
-    lm = load_for_eval(budget["model"], data_dir, args.device or get_settings().device)  # fp32 (+ bf16 autocast on CUDA)
+    lm = load_for_autocast(budget["model"], data_dir, args.device or get_settings().device)  # fp32 (+ bf16 autocast on CUDA)
     source = task_source(setting, data_dir, args.settings_dir)
     source.held_out = shortest_tasks(lm, source.held_out, ev["max_tasks"])  # the budget's sequences are short
     train_cfg = {k: v for k, v in budget.items() if k != "model"} | {"batch_tasks": args.batch_tasks,

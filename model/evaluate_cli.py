@@ -28,15 +28,6 @@ def shortest_tasks(lm: LM, tasks: list, n: int | None) -> list:
     return ranked[:n] if n else ranked
 
 
-def load_for_eval(spec: str, data_dir: Path, device: str = "auto") -> LM:
-    from model.loading import load_lm
-
-    lm = load_lm(spec, data_dir, device, attn="sdpa")
-    if lm.device.type == "cuda":
-        lm.model.float()  # fp32 weights + bf16 autocast, as in meta-training
-    return lm
-
-
 def main(
     setting: str = "class_to_class",
     checkpoint: list[str] = [],  # noqa: B006 (typer reads the default)
@@ -68,7 +59,9 @@ def main(
 
     s = get_settings()  # the CLI's defaults come from the environment (MAMLSERVE_*), as the service's do
     ddir = data_dir or s.data_dir
-    lm = load_for_eval(model or s.base_model, ddir, device or s.device)
+    from model.loading import load_for_autocast
+
+    lm = load_for_autocast(model or s.base_model, ddir, device or s.device)  # as in meta-training
     source = task_source(setting, ddir, settings_dir)
     if shortest:
         source.held_out = shortest_tasks(lm, source.held_out, max_tasks)

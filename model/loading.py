@@ -71,3 +71,12 @@ def load_lm(
         return LM.wrap(model.to(dev).eval(), tok, name=spec, sha256=model_hash(folder), lora=lora)
     except ValueError as e:  # peft: the target modules are not in this architecture
         raise ModelLoadError(f"LoRA targets {list(lora.targets)} do not fit {folder}: {e}") from e
+
+
+def load_for_autocast(spec: str, data_dir: Path, device: str = "auto", lora: LoraSpec | None = None) -> LM:
+    """`spec` as meta-training and evaluation run it: SDPA attention, fp32 weights everywhere (on
+    CUDA loaded in bf16, then made fp32 masters; the forward runs under bf16 autocast)."""
+    lm = load_lm(spec, data_dir, device, lora, attn="sdpa")
+    if lm.device.type == "cuda":
+        lm.model.float()
+    return lm

@@ -8,14 +8,14 @@ from model.meta.episodes import Draw, fitting_episode, remap_labels
 from model.meta.forward import grad_checkpointing, training_mode
 from model.meta.method import TaskMethod, TaskResult
 from model.meta.outer import MetaTrainer, initial_params
-from model.meta.run import Progress, load_for_training, meta_train
+from model.meta.run import Progress, meta_train
 from model.meta.tasks import SynthTask, TaskSource, is_classification, synthetic_source, synthetic_task, task_source
 from model.meta_config import METHODS, ORDER, MetaTrainConfig
 
 __all__ = [
     "METHODS", "ORDER", "BatchedTasks", "Draw", "MetaTrainConfig", "MetaTrainer", "Progress", "SynthTask", "TaskMethod",
     "TaskResult", "TaskSource", "fitting_episode", "grad_checkpointing", "initial_params", "is_classification",
-    "load_for_training", "main", "meta_train", "remap_labels", "resumed_config", "run_meta", "setting_fingerprint",
+    "main", "meta_train", "remap_labels", "resumed_config", "run_meta", "setting_fingerprint",
     "synthetic_source", "synthetic_task", "task_source", "training_mode",
 ]
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from model.loading import ModelLoadError, load_lm
+from model.loading import ModelLoadError, load_for_autocast, load_lm
 from model.tiny import tiny_model, tiny_tokenizer
 
 
@@ -39,6 +39,14 @@ def test_a_hugging_face_folder_loads_with_identical_logits(tmp_path):
     assert torch.equal(lm(None, input_ids=x).logits, tiny_model()(input_ids=x).logits)
     assert lm.dtype == torch.float32 and len(lm.sha256) == 64
     assert load_lm(str(tmp_path / "m"), tmp_path).sha256 == lm.sha256  # memoised, stable
+
+
+def test_training_and_evaluation_load_fp32_with_sdpa(tmp_path):
+    """The one loader meta-training and evaluation share: on CPU the weights load fp32 as they are."""
+    lm = load_for_autocast("tiny", tmp_path, device="cpu")
+    x = torch.tensor([[5, 6, 7, 8]])
+    assert lm.dtype == torch.float32 and lm.model.config._attn_implementation == "sdpa"
+    assert torch.equal(lm(None, input_ids=x).logits, load_lm("tiny", tmp_path, device="cpu")(None, input_ids=x).logits)
 
 
 def test_worker_threads_follow_the_cores_it_may_use(tmp_path):

@@ -22,16 +22,6 @@ log = logging.getLogger("mamlserve.meta_train")
 Progress = Callable[[int, int, dict[str, Any]], None]
 
 
-def load_for_training(cfg: MetaTrainConfig) -> LM:
-    """The config's model with its LoRA layout, SDPA attention, fp32 on CUDA."""
-    from model.loading import load_lm
-
-    lm = load_lm(cfg.base_model, cfg.dir, cfg.device, LoraSpec.of(cfg), attn="sdpa")
-    if lm.device.type == "cuda":
-        lm.model.float()  # fp32 master weights; the forward runs under bf16 autocast
-    return lm
-
-
 def meta_train(
     config: MetaTrainConfig,
     lm: LM | None = None,
@@ -47,7 +37,10 @@ def meta_train(
     registry: where checkpoints are read and written (default: the config's data dir).
     """
     cfg = config
-    lm = lm or load_for_training(cfg)
+    if lm is None:
+        from model.loading import load_for_autocast
+
+        lm = load_for_autocast(cfg.base_model, cfg.dir, cfg.device, LoraSpec.of(cfg))
     source = source or task_source(cfg.setting, None if cfg.setting == "synthetic" else cfg.dir)
     reg = registry if registry is not None else cfg.dir
     params, state, step, parent, history = None, None, 0, None, []
