@@ -26,7 +26,7 @@ from app.routing import Router
 from contract.config import fingerprint, local_config, model_lock
 from contract.queues import PREDICT, make_celery
 from contract.store import Store
-from model.bank.store import setting_names
+from model.bank.catalog import setting_names
 from model.settings import Settings, get_settings
 from model.tokens import count_tokens, fast_tokenizer
 

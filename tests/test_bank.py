@@ -18,8 +18,8 @@ import pytest
 from model.bank import Setting, kshot, kshot_runs, load_bank, sample_episode
 from model.bank import sources as S
 from model.bank.build import BuildConfig, bounded_counter, build
+from model.bank.catalog import SETTINGS_DIR, Bank, export, read_setting, setting_names
 from model.bank.splits import RULES, check_disjoint, make_setting, task_inputs
-from model.bank.store import SETTINGS_DIR, Bank, export, read_setting, setting_names
 from model.task import Example, Task
 
 FIX = Path(__file__).parent / "fixtures" / "bank"

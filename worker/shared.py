@@ -16,7 +16,7 @@ from pathlib import Path
 
 from contract.blobs import shared
 from model import checkpoints
-from model.bank.store import export, load_bank
+from model.bank.catalog import export, load_bank
 from model.settings import get_settings
 
 

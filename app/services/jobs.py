@@ -18,7 +18,7 @@ from app.services import checkpoints
 from contract.blobs import shared
 from contract.records import job_config
 from contract.store import BASE, Store
-from model.bank.store import load_bank, setting_names
+from model.bank.catalog import load_bank, setting_names
 from model.meta_config import MetaTrainConfig
 from model.settings import Settings
 

@@ -40,7 +40,7 @@ task and no input text between meta-train and held-out; tests/test_bank.py check
 fixtures and on the real bank when it is built.
 """
 
+from model.bank.catalog import Bank, BankTask, Setting, TaskMeta, load_bank
 from model.bank.sampling import K, SEEDS, balanced, kshot, kshot_runs, sample_episode
-from model.bank.store import Bank, BankTask, Setting, TaskMeta, load_bank
 
 __all__ = ["K", "SEEDS", "Bank", "BankTask", "Setting", "TaskMeta", "balanced", "kshot", "kshot_runs", "load_bank", "sample_episode"]

@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from model.bank.build import BuildConfig, build
-from model.bank.store import SETTINGS_DIR, export, load_bank
+from model.bank.catalog import SETTINGS_DIR, export, load_bank
 
 
 def stats_text(bank, names: list[str] | None = None, summary: bool = False) -> str:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from model.bank import sources as S
-from model.bank.store import SPLITS, TaskMeta, example_row, write_atomic
+from model.bank.catalog import SPLITS, TaskMeta, example_row, write_atomic
 from model.task import Example, Limits
 
 FORMAT = 4  # bump when a converter or the on-disk format changes: forces a rebuild

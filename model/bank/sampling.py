@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from model.bank.store import BankTask
+from model.bank.catalog import BankTask
 from model.task import Example, Task
 
 K = 16

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.bank.store import SPLITS, Bank, Setting
+from model.bank.catalog import SPLITS, Bank, Setting
 
 
 @dataclass(frozen=True)

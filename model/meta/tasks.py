@@ -70,7 +70,7 @@ def task_source(setting: str, data_dir: Path | Blobs | None = None, settings_dir
     (the bank under data_dir/bank, or under bank/ in a store)."""
     if setting == "synthetic":
         return synthetic_source()
-    from model.bank.store import SETTINGS_DIR, load_bank
+    from model.bank.catalog import SETTINGS_DIR, load_bank
 
     bank = load_bank(data_dir, settings_dir or SETTINGS_DIR)
     s = bank.setting(setting)

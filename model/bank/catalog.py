@@ -1,4 +1,5 @@
-"""The bank: one entry per task (task.json + train/dev/test.jsonl), a manifest, settings.
+"""The task bank's catalog, on disk or in a blob store: one entry per task (task.json +
+train/dev/test.jsonl), a manifest, and the settings (named meta-train / held-out splits).
 
 Layout under data_dir/bank (or under bank/ in the service's shared store: `model.blobs`):
     manifest.json              build key, config, source hashes, per-task counts, exclusions
