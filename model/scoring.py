@@ -39,6 +39,7 @@ def predict(
     cache: bool = True,
     max_new_tokens: int = 32,
     embeddings: Tensor | None = None,
+    rows: Sequence[list[Row]] | None = None,
 ) -> list[Prediction]:
     """Answer each query: the best option by score, or greedy text for generation tasks.
 
@@ -52,27 +53,26 @@ def predict(
     With `recipe.retrieve`, where the fixed prompt would not show every demonstration, each
     query gets its nearest ones instead (`model.retrieval`; `embeddings` are the demonstrations',
     computed here when not given), and queries that chose the same set share one prefix.
+    `rows`: the queries' `query_rows`, where the caller made them already (the worker sizes the
+    prefix with them).
     """
     fmt = fmt or Formatter(lm.encode)
     shown = in_context(task, recipe)
-    per_query = [
-        fmt.candidates(q.input, opts) if (opts := task.options_for(q)) else None for q in queries
-    ]
-    rows = [r for rs in per_query if rs for r in rs]
-    gen_rows = [fmt.row(q.input, "") for q, rs in zip(queries, per_query) if rs is None]
-    if prefix is None and applies(fmt, task, recipe, longest(rows + [Row(r.ctx, [0] * max_new_tokens) for r in gen_rows])):
-        sizes = [longest(rs) if rs else len(fmt.row(q.input, "").ctx) + max_new_tokens for q, rs in zip(queries, per_query)]
-        return _retrieved(lm, task, queries, sizes, params, recipe, prior, fmt, cache, max_new_tokens, embeddings)
+    per_query = rows if rows is not None else query_rows(fmt, task, queries, max_new_tokens)
+    every = [r for rs in per_query for r in rs]
+    if prefix is None and applies(fmt, task, recipe, longest(every)):
+        return _retrieved(lm, task, queries, per_query, params, recipe, prior, fmt, cache, max_new_tokens, embeddings)
     if prefix is None:
-        prefix = build_prefix(lm, fmt, shown, rows + [Row(r.ctx, [0] * max_new_tokens) for r in gen_rows], params, cache)
-    scored = iter(score_rows(lm, prefix, rows, params))
+        prefix = build_prefix(lm, fmt, shown, every, params, cache)
+    scored = iter(score_rows(lm, prefix, [r for q, rs in zip(queries, per_query) if task.options_for(q) for r in rs],
+                             params))
     preds: list[Prediction] = []
     for q, rs in zip(queries, per_query):
-        if rs is None:
-            text = generate(lm, prefix, fmt.row(q.input, "").ctx, params, max_new_tokens)
+        opts = task.options_for(q)
+        if not opts:
+            text = generate(lm, prefix, rs[0].ctx, params, max_new_tokens)
             preds.append(Prediction(text))
             continue
-        opts = task.options_for(q)
         shift = prior if prior is not None and q.options is None else {}
         scores = {}
         for o in opts:
@@ -82,18 +82,25 @@ def predict(
     return preds
 
 
-def _retrieved(lm: LM, task: Task, queries: Sequence[Query | Example], sizes: Sequence[int],
+def query_rows(fmt: Formatter, task: Task, queries: Sequence[Query | Example], max_new_tokens: int) -> list[list[Row]]:
+    """Each query as the rows it is scored on: one per option (input + option), or, to generate,
+    one whose target is room for max_new_tokens."""
+    return [fmt.candidates(q.input, opts) if (opts := task.options_for(q))
+            else [Row(fmt.row(q.input, "").ctx, [0] * max_new_tokens)] for q in queries]
+
+
+def _retrieved(lm: LM, task: Task, queries: Sequence[Query | Example], rows: Sequence[list[Row]],
                params: Mapping[str, Tensor] | None, recipe: Recipe, prior: Mapping[str, float] | None, fmt: Formatter,
                cache: bool, max_new_tokens: int, embeddings: Tensor | None) -> list[Prediction]:
     """`predict` with each query's own chosen demonstrations: one fixed-prompt call per distinct set."""
     if embeddings is None:
         embeddings = embed(lm, [d.input for d in task.demonstrations])
-    chosen = contexts(lm, fmt, task, recipe, queries, sizes, embeddings)
+    chosen = contexts(lm, fmt, task, recipe, queries, [longest(rs) for rs in rows], embeddings)
     fixed = recipe.but(retrieve=None, predict_demos=None)
     preds: list[Prediction | None] = [None] * len(queries)
     for c, members in grouped(chosen).items():
         got = predict(lm, chosen_task(task, c), [queries[i] for i in members], params, fixed, prior, fmt, None, cache,
-                      max_new_tokens)
+                      max_new_tokens, rows=[rows[i] for i in members])
         for i, p in zip(members, got):
             preds[i] = p
     return preds  # type: ignore[return-value]

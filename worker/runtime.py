@@ -32,7 +32,7 @@ from model.prefix import encode_prefix, in_context
 from model.prompts import Formatter, Row, longest
 from model.recipe import Recipe
 from model.retrieval import applies, embed, task_embeddings
-from model.scoring import Prediction, predict
+from model.scoring import Prediction, predict, query_rows
 from model.settings import Settings
 from model.task import Query, Task
 from worker import checkpoints
@@ -256,19 +256,14 @@ class Runtime:
         recipe = recipe_of(rec)
         entry = self.ensure_weights(rec)
         n_new = self.s.max_new_tokens
-        rows: list[Row] = []
-        for q in queries:
-            opts = task.options_for(q)
-            if opts:
-                rows += self.fmt.candidates(q.input, opts)
-            else:
-                rows.append(Row(self.fmt.row(q.input, "").ctx, [0] * n_new))
+        per_query = query_rows(self.fmt, task, queries, n_new)  # encoded once: they size the prefix, then are scored
+        rows = [r for rs in per_query for r in rs]
         if self._retrieving(entry, task, recipe, rows):  # a prefix per chosen set, built by predict
             return predict(self.lm, task, queries, params=entry.params or None, recipe=recipe, prior=entry.prior,
-                           fmt=self.fmt, max_new_tokens=n_new, embeddings=entry.embeddings)
+                           fmt=self.fmt, max_new_tokens=n_new, embeddings=entry.embeddings, rows=per_query)
         prefix = self._prefix(entry, task, recipe, rows)
         return predict(self.lm, task, queries, params=entry.params or None, recipe=recipe, prior=entry.prior,
-                       fmt=self.fmt, prefix=prefix, max_new_tokens=n_new)
+                       fmt=self.fmt, prefix=prefix, max_new_tokens=n_new, rows=per_query)
 
     def generate(self, rec: dict[str, Any], text: str, sp: Sampling,
                  stopped: Callable[[], bool] = lambda: False) -> Iterator[Piece]:
