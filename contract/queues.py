@@ -27,7 +27,7 @@ MARGIN_S = 600
 # The worker's tasks, by name: messages already queued carry these strings, so they never change.
 ADAPT = "worker.tasks.adapt"  # (task id, run id)
 META_TRAIN = "worker.tasks.meta_train"  # (job id)
-PREDICT = "worker.tasks.predict"  # (task id, groups of queries, reply key): on a worker's direct queue
+PREDICT = "worker.tasks.predict"  # (task id, groups of queries {input, options?}, reply key): on a worker's direct queue
 GENERATE = "worker.tasks.generate"  # (task id, text, sampling, reply key)
 ADAPTER = "worker.tasks.adapter"  # (task id, export format, reply key)
 IMPORT_ADAPTER = "worker.tasks.import_adapter"  # (task record, zip as base64, max bytes, reply key)

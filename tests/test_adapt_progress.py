@@ -154,3 +154,32 @@ def test_worker_predicts_with_retrieval_where_the_demonstrations_do_not_fit():
     rt.fmt = Formatter(LM.encode)  # everything fits: the fixed prompt, its prefix cached as before
     rt.predict(rec, queries)
     assert list(entry.prefixes) == [len(task.demonstrations)]
+
+
+def test_a_batch_answers_each_caller_and_a_bad_input_fails_only_its_own(monkeypatch):
+    """worker.tasks.predict: the callers' queries (as the API sends them) scored as one batch, each
+    caller its own answers; one caller's query over the operator's limits is a 422 for it alone."""
+    from model.prompts import Formatter
+    from model.recipe import DEFAULT
+    from worker.runtime import Entry, Runtime as WorkerRuntime
+
+    task = sentiment_task()
+    rt = WorkerRuntime.__new__(WorkerRuntime)  # the model and settings only: no Redis, no blob stores
+    rt.lm, rt.fmt = LM, Formatter(LM.encode)
+    rt.s = SimpleNamespace(max_new_tokens=4, max_demonstrations=5000, max_options=32, max_text_tokens=256,
+                           max_text_chars=20)
+    entry = Entry({}, {})
+    rt.task, rt.ensure_weights = (lambda rec: task), (lambda rec: entry)
+    rt.store = SimpleNamespace(count=lambda *a: None)
+    rec = {"recipe": DEFAULT.to_dict()}
+    got: list[dict] = []
+    monkeypatch.setattr(worker_tasks.replies, "answer", lambda reply, task_id, fn: got.append(fn(rt, rec)))
+    first, second = [{"input": "what a joy"}], [{"input": "so dull", "options": ["yes", "no"]}]
+    worker_tasks.predict("t", [first, second], "r")
+    worker_tasks.predict("t", [first, [{"input": "x" * 21}], second], "r")
+    together, apart = got[0]["groups"], got[1]["groups"]
+    assert apart[1]["status"] == 422 and "21 characters; the limit is 20" in apart[1]["error"]
+    for a, b in zip(together, [apart[0], apart[2]]):
+        (pa,), (pb,) = a["predictions"], b["predictions"]
+        assert pa["output"] == pb["output"] and pa["scores"] == pytest.approx(pb["scores"], abs=1e-4)
+    assert set(together[1]["predictions"][0]["scores"]) == {"yes", "no"}

@@ -138,26 +138,41 @@ def _weights_size(rt: Runtime, rec: dict[str, Any], pointer: dict[str, Any]) -> 
     return int(store_of(rt.s, key).size(key) or 0)
 
 
+def queries(group: list[dict[str, Any]], limits: Limits) -> list[Query] | Exception:
+    """One caller's queries, or why they are invalid (raised by `valid` where they are used)."""
+    try:
+        return [Query.model_validate(q, context={"limits": limits}) for q in group]
+    except Exception as e:
+        return e
+
+
+def valid(built: list[Query] | Exception) -> list[Query]:
+    if isinstance(built, Exception):
+        raise built
+    return built
+
+
 # acks_late off: a lost prediction is retried by its caller, not replayed an hour later.
 @app.task(name="worker.tasks.predict", acks_late=False, ignore_result=True)
 def predict(task_id: str, groups: list[list[dict[str, Any]]], reply: str) -> None:
-    """Answer several callers' queries on one task in one batch; each group gets its own reply."""
+    """Answer several callers' queries on one task in one batch; each group gets its own reply.
+    Each query ({input, options?}, as the API validated it) becomes a Query here, once."""
 
-    def answer(rt: Runtime, rec: dict[str, Any], group: list[dict[str, Any]]) -> dict[str, Any]:
-        limits = {"limits": Limits.of(rt.s)}  # the operator's limits, not model/'s defaults
-        preds = rt.predict(rec, [Query.model_validate(q, context=limits) for q in group])
+    def answer(rt: Runtime, rec: dict[str, Any], group: list[Query]) -> dict[str, Any]:
+        preds = rt.predict(rec, group)
         return {"predictions": [{"output": p.output, "scores": p.scores} for p in preds]}
 
     def run(rt: Runtime, rec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.monotonic()
+        built = [queries(g, Limits.of(rt.s)) for g in groups]  # the operator's limits, not model/'s defaults
         try:
-            merged = answer(rt, rec, [q for g in groups for q in g])["predictions"]
+            merged = answer(rt, rec, [q for b in built for q in valid(b)])["predictions"]
             out, i = [], 0
             for g in groups:
                 out.append({"predictions": merged[i: i + len(g)]})
                 i += len(g)
         except Exception:  # one caller's input broke the batch: answer each on its own
-            out = [replies.safely(lambda g=g: answer(rt, rec, g), task_id) for g in groups]
+            out = [replies.safely(lambda b=b: answer(rt, rec, valid(b)), task_id) for b in built]
         rt.store.count("predictions", sum(len(g) for g in groups))
         rt.store.count("predict_batches")
         rt.store.count("predict_seconds_sum", time.monotonic() - t0)

@@ -26,21 +26,21 @@ from model.task import Limits, Query
 router = APIRouter(tags=["predict"], route_class=StrictRoute)
 
 
-def parse_queries(body: PredictRequest, s: Settings, count_tokens) -> list[Query]:
-    """The inputs, validated against the settings' limits (tokens counted): 422 names the field and the limit."""
+def checked_inputs(body: PredictRequest, s: Settings, count_tokens) -> list[dict[str, Any]]:
+    """The inputs as the worker gets them ({input, options?}), checked against the settings' limits
+    (tokens counted): 422 names the field and the limit. body.inputs stay the call's Query values."""
     if len(body.inputs) > s.max_predict_inputs:
         raise invalid(("body", "inputs"), f"{len(body.inputs)} inputs; the limit is {s.max_predict_inputs}", "too_many_inputs")
     if body.wait_s > s.predict_wait_max_s:
         raise invalid(("body", "wait_s"), f"wait_s is {body.wait_s:g}; the limit is {s.predict_wait_max_s:g}", "wait_too_long")
-    limits = Limits.of(s)
-    ctx = {"limits": limits, "count_tokens": count_tokens}
-    queries = []
-    for i, q in enumerate(body.inputs):
+    ctx = {"limits": Limits.of(s), "count_tokens": count_tokens}
+    sent = [q.model_dump(exclude_none=True) for q in body.inputs]
+    for i, q in enumerate(sent):
         try:
-            queries.append(Query.model_validate(q.model_dump(exclude_none=True), context=ctx))
+            Query.model_validate(q, context=ctx)  # the limits' check (the body's schema had none)
         except ValidationError as e:
             raise invalid_from(e, ("body", "inputs", i)) from e
-    return queries
+    return sent
 
 
 def check_ready(task_id: str, rec: dict[str, Any]) -> None:
@@ -63,9 +63,10 @@ async def predict(body: PredictRequest, request: Request, who: TenantDep, s: Set
     # The slot first: a call over the quota is refused for one Redis round trip, before any work.
     async with state.quotas.slot(who, "predict", s.max_waiting_predicts, lease_s, "/predict calls",
                                  "max_waiting_predicts"):
-        queries = await anyio.to_thread.run_sync(parse_queries, body, s, state.count_tokens)
+        sent = await anyio.to_thread.run_sync(checked_inputs, body, s, state.count_tokens)
         rec = await anyio.to_thread.run_sync(owned, store, body.task_id, who)
-        cost = await anyio.to_thread.run_sync(predict_tokens, rec["task"], queries, state.count_tokens, s.max_new_tokens)
+        cost = await anyio.to_thread.run_sync(predict_tokens, rec["task"], body.inputs, state.count_tokens,
+                                              s.max_new_tokens)
         if cost > s.max_predict_tokens:
             raise invalid(("body", "inputs"), f"this call scores {cost} tokens (each input with each of its options); the "
                           f"limit is {s.max_predict_tokens}: send fewer inputs, or shorter or fewer options, per call",
@@ -74,11 +75,10 @@ async def predict(body: PredictRequest, request: Request, who: TenantDep, s: Set
             await state.watcher.wait(body.task_id, body.wait_s)
             rec = await anyio.to_thread.run_sync(owned, store, body.task_id, who)
         check_ready(body.task_id, rec)
-        reply = await state.batcher(body.task_id, [q.model_dump(exclude_none=True) for q in queries],
-                                    task_fingerprint(rec, state.fingerprint))
+        reply = await state.batcher(body.task_id, sent, task_fingerprint(rec, state.fingerprint))
     preds = [
         PredictionOut(input=q.input, output=p["output"],
                       scores=None if p["scores"] is None else [OptionScore(option=o, score=v) for o, v in p["scores"].items()])
-        for q, p in zip(queries, reply["predictions"])
+        for q, p in zip(body.inputs, reply["predictions"])
     ]
     return PredictResponse(task_id=body.task_id, predictions=preds, usage=PredictUsage(tokens_scored=cost))

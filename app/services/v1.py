@@ -44,10 +44,11 @@ class Call:
         self.rec, self.texts, self.body = rec, texts, body
         self.options = rec["task"].get("options")
         limits = Limits.of(s)
+        self.sent = [{"input": t} for t in texts]  # the inputs as the worker gets them (an option task's)
         self.queries = []
-        for i, t in enumerate(texts):
+        for i, q in enumerate(self.sent):
             try:
-                self.queries.append(Query.model_validate({"input": t}, context={"limits": limits, "count_tokens": count}))
+                self.queries.append(Query.model_validate(q, context={"limits": limits, "count_tokens": count}))
             except ValidationError as e:
                 where = param if len(texts) == 1 else f"{param}[{i}]"
                 raise ApiError(400, f"{where}: {e.errors()[0]['msg']}", param=param, code="invalid_value") from e
@@ -97,7 +98,7 @@ async def answers(call: Call, state) -> AsyncIterator[tuple[int, dict[str, Any]]
     come from the batcher (one worker call, the same answers as /predict); generation streams."""
     route = task_fingerprint(call.rec, state.fingerprint)
     if call.options:
-        reply = await state.batcher(call.rec["id"], [q.model_dump(exclude_none=True) for q in call.queries], route)
+        reply = await state.batcher(call.rec["id"], call.sent, route)
         for i, p in enumerate(reply["predictions"]):
             yield i, {"text": p["output"], "tokens": await anyio.to_thread.run_sync(call.count, p["output"]),
                       "finish": "stop", "scores": p["scores"]}
