@@ -102,3 +102,13 @@ def test_packed_option_scores_equal_a_plain_forward_per_option(lm, topics):
             start = len(prefix_ids) + len(r.ctx) - 1
             alone = logp[start:start + len(r.target)].gather(1, torch.tensor(r.target)[:, None]).sum().item()
             assert got == pytest.approx(alone, abs=1e-4) and n == len(r.target)
+
+
+def test_the_shipped_checkpoint_loads_on_smollm2(lm):
+    """What a fresh install's worker does before it activates it (worker.checkpoints.install_shipped)."""
+    from model import checkpoints
+
+    shipped = [m for m in checkpoints.list_checkpoints(checkpoints.SHIPPED) if m["base_model"]["name"] == lm.name]
+    assert shipped, "a checkpoint ships for SmolLM2"
+    meta = checkpoints.verify(checkpoints.SHIPPED, shipped[-1]["id"], lm)
+    assert meta["evaluation"]["report-k16"]["macro_f1"] and meta["command"].startswith("python -m model.meta_train")
