@@ -56,9 +56,13 @@ async def flood(url: str) -> tuple[list[httpx.Response], list[float], httpx.Resp
         probe = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", PROBE, url], capture_output=True,
                                         text=True, timeout=120)
         assert probe.returncode == 0, probe.stderr
-        other = await c.post("/tasks", json={**sentiment(tag="flood-other"), "adaptation": {"mode": "none"}},
-                             headers={"X-API-Key": OTHER_KEY})
-        assert (await c.delete(f"/tasks/{tid}", headers={"X-API-Key": KEY})).status_code == 204  # the waiting ones: 404
+        # A fresh connection: the flood's idle keep-alive ones may be closed by uvicorn (5 s) just as
+        # a request goes out on them, which no client survives for a POST.
+        async with httpx.AsyncClient(base_url=url, timeout=60) as fresh:
+            other = await fresh.post("/tasks", json={**sentiment(tag="flood-other"), "adaptation": {"mode": "none"}},
+                                     headers={"X-API-Key": OTHER_KEY})
+            gone = await fresh.delete(f"/tasks/{tid}", headers={"X-API-Key": KEY})
+        assert gone.status_code == 204  # the waiting ones: 404
         return list(await asyncio.gather(*calls)), json.loads(probe.stdout), other
 
 
