@@ -61,13 +61,14 @@ import model  # noqa: E402,F401  (first: it sets OpenMP's wait policy before tor
 import torch  # noqa: E402
 from model.adapt import adapt  # noqa: E402
 from model.bank import kshot, load_bank  # noqa: E402
-from model.calibration import prior_of  # noqa: E402
+from model.calibration import option_prior, prior_of  # noqa: E402
 from model.evaluate import fitting  # noqa: E402
 from model.lm import LM, LoraSpec  # noqa: E402
 from model.loading import load_lm, model_folder  # noqa: E402
 from model.metrics import accuracy, macro_f1, paired  # noqa: E402
 from model.prompts import Formatter  # noqa: E402
 from model.recipe import DEFAULT, ICL, Recipe  # noqa: E402
+from model.retrieval import task_embeddings  # noqa: E402
 from model.scoring import predict  # noqa: E402
 from model.settings import get_settings  # noqa: E402
 from model.task import Example, Task  # noqa: E402
@@ -145,32 +146,50 @@ def run_llm(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], reci
     t0 = time.perf_counter()
     begin = start.params if start else None
     trained = recipe.epochs > 0  # (min_demos may still make it 0 steps: then the weights are the start's)
-    params, prior, epochs = begin, None, 0.0
+    params, prior, epochs, steps, stopped = begin, None, 0.0, 0, None
+    embeddings = None
     if trained:
         if start and start.lr and recipe.lr is None:  # the checkpoint's own inner lr, as the service uses it
             recipe = recipe.but(lr=start.lr)
-        a = adapt(lm, task, recipe, mode, start=begin, state=start.state if start else None, seed=seed, fmt=fmt)
-        params, prior, epochs = {**(begin or {}), **a.params}, a.prior, a.epochs
-    elif recipe.calibrate:
-        from model.calibration import option_prior
-
-        prior = option_prior(lm, task, params, recipe, fmt)
+        # the service's time budget per adaptation (it binds from a few hundred demonstrations on)
+        a = adapt(lm, task, recipe, mode, start=begin, state=start.state if start else None, seed=seed, fmt=fmt,
+                  time_budget_s=get_settings().adapt_time_budget_s)
+        params, prior, epochs, embeddings = {**(begin or {}), **a.params}, a.prior, a.epochs, a.embeddings
+        steps, stopped = a.steps, a.stopped
+    else:
+        embeddings = task_embeddings(lm, fmt, task, recipe)  # once, as adaptation time does
+        if recipe.calibrate:
+            prior = option_prior(lm, task, params, recipe, fmt, embeddings)
     t1 = time.perf_counter()
-    memo = None if trained or untrained is None else (recipe.predict_demos, recipe.length_norm, start and start.ckpt_id)
+    # what the raw scores depend on: the prompt (fixed or retrieved), the scoring and the weights
+    memo = None if trained or untrained is None else \
+        (recipe.predict_demos, recipe.length_norm, start and start.ckpt_id, embeddings is not None and recipe.retrieve)
     if memo in (untrained or {}):
         raw, predict_s = untrained[memo]
     else:
-        preds = predict(lm, task, queries, params, recipe.but(calibrate=False), None, fmt)
+        preds = predict(lm, task, queries, params, recipe.but(calibrate=False), None, fmt, embeddings=embeddings)
         raw, predict_s = [[p.scores[o] for o in task.options] for p in preds], time.perf_counter() - t1
         if memo is not None:
             untrained[memo] = raw, predict_s
-    return {"raw": raw, "prior": prior, "epochs": epochs, "adapt_s": t1 - t0, "predict_s": predict_s}
+    return {"raw": raw, "prior": prior, "epochs": epochs, "steps": steps, "stopped": stopped, "adapt_s": t1 - t0,
+            "predict_s": predict_s}
 
 
 def run_peft(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], seed: int) -> dict[str, Any]:
     """The practitioner's loop: PEFT LoRA + transformers.Trainer, causal-LM loss on the outputs."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    budget = get_settings().adapt_time_budget_s
+
+    class Budget(TrainerCallback):
+        """The service's time budget per adaptation, for the peer too: training stops after the
+        step under way once it is spent (10 epochs of 1,000 rows take longer)."""
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN003
+            if time.perf_counter() - t0 >= budget:
+                control.should_training_stop = True
+            return control
 
     t0 = time.perf_counter()
     base = AutoModelForCausalLM.from_pretrained(model_folder(get_settings().base_model, get_settings().data_dir),
@@ -195,13 +214,16 @@ def run_peft(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], see
             learning_rate=PEER["lr"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
             logging_strategy="no", save_strategy="no", report_to=[], seed=seed, use_cpu=True,
             disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False)
-        Trainer(model=model, args=args, train_dataset=rows, data_collator=collate).train()
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Budget()])
+        trainer.train()
     t1 = time.perf_counter()
     recipe = ICL.but(predict_demos=0)
     raw = predict(lm, task, queries, merged(lm, model), recipe, None, fmt)
     t2 = time.perf_counter()
-    return {"raw": [[p.scores[o] for o in task.options] for p in raw], "prior": None, "epochs": PEER["epochs"],
-            "adapt_s": t1 - t0, "predict_s": t2 - t1}
+    done, planned = trainer.state.global_step, trainer.state.max_steps
+    return {"raw": [[p.scores[o] for o in task.options] for p in raw], "prior": None,
+            "epochs": PEER["epochs"] * done / max(planned, 1), "steps": done,
+            "stopped": "time_budget" if done < planned else None, "adapt_s": t1 - t0, "predict_s": t2 - t1}
 
 
 def merged(lm: LM, peer: Any) -> dict[str, torch.Tensor]:
@@ -317,7 +339,10 @@ def config_key(name: str, recipe: Recipe | None, lora: LoraSpec, mode: str = "lo
         del fields["min_demos"]
     if fields and (recipe.retrieve is None or k <= recipe.retrieve):  # retrieval cannot apply (model.retrieval.applies)
         del fields["retrieve"]
-    body = json.dumps({"name": name, "recipe": fields, "peer": PEER if name == "peft_trainer" else None}
+    peer = PEER if name == "peft_trainer" else None
+    if peer and k > 64:  # the time budget cannot bind below (k=64: 160 short steps, ~30 s)
+        peer = {**peer, "time_budget_s": get_settings().adapt_time_budget_s}
+    body = json.dumps({"name": name, "recipe": fields, "peer": peer}
                       | ({"lora": lora.__dict__} if recipe and recipe.epochs and lora != every_layer and mode == "lora" else {})
                       | ({"mode": mode} if mode != "lora" else {}) | ({"checkpoint": ckpt_id} if ckpt_id else {}),
                       sort_keys=True)
