@@ -427,7 +427,8 @@ def main() -> None:
                     r["config"] = {"recipe": recipe.to_dict() if recipe else None, "lora": lm.lora.__dict__ if recipe else None,
                                    "peer": PEER if v == "peft_trainer" else None, "mode": modes.get(v, "lora"),
                                    "checkpoint": starts.get(v)}
-                    r.pop("raw")
+                    # the raw scores (and golds) stay: other decision rules (ensembles) can be scored offline
+                    r["golds"], r["options"] = golds, list(task.options)
                     with open(journal, "a") as f:
                         f.write(json.dumps(r) + "\n")
                     known[key] = r
