@@ -46,6 +46,9 @@ class Adaptation(BaseModel):
     steps: int | None = Field(None, ge=0, description="exact number of Adam steps (overrides epochs); at most the setting adapt_max_steps")
     lr: float | None = Field(None, gt=0, le=1, description="learning rate; default: the checkpoint's meta-training inner lr "
                               "when adapting in the space it was meta-trained in, else the recipe's lr for the mode")
+    head: float | None = Field(None, ge=0, le=100, description="weight of the bag-of-words head (TF-IDF + logistic "
+                               "regression fit on every demonstration) whose log-probabilities join the options' scores; "
+                               "0: the language model alone; default: the recipe's")
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 

@@ -17,7 +17,8 @@ fewer). Every variant sees exactly the same demonstrations and queries:
                   context), AdamW lr 1e-3 with linear decay, batch 4, 10 epochs; its options are then
                   scored by mean log-likelihood per token with no demonstrations in context (its
                   adapter merged into the weights our scorer reads: PeftModel's function, faster)
-    tfidf_lr      scikit-learn TF-IDF (word 1-2 grams + char 2-5 grams) + logistic regression
+    tfidf_lr      scikit-learn TF-IDF (word 1-2 grams + char 2-5 grams) + logistic regression: the service's
+                  bag-of-words head (`model.head`) alone
     <name>        any recipe given with --recipe NAME='{"loss": "lm", ...}' (overrides of DEFAULT); "mode":
                   "full" adapts the full weights, "checkpoint": ID starts from a meta-trained
                   checkpoint of the data dir's registry (its inner lr unless "lr" is given)
@@ -43,7 +44,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -63,6 +63,7 @@ from model.adapt import adapt  # noqa: E402
 from model.bank import kshot, load_bank  # noqa: E402
 from model.calibration import option_prior, prior_of  # noqa: E402
 from model.evaluate import fitting  # noqa: E402
+from model.head import Head, combine  # noqa: E402
 from model.lm import LM, LoraSpec  # noqa: E402
 from model.loading import load_lm, model_folder  # noqa: E402
 from model.metrics import accuracy, macro_f1, paired  # noqa: E402
@@ -171,8 +172,15 @@ def run_llm(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], reci
         raw, predict_s = [[p.scores[o] for o in task.options] for p in preds], time.perf_counter() - t1
         if memo is not None:
             untrained[memo] = raw, predict_s
-    return {"raw": raw, "prior": prior, "epochs": epochs, "steps": steps, "stopped": stopped, "adapt_s": t1 - t0,
-            "predict_s": predict_s}
+    head = None
+    if recipe.head:  # the bag-of-words head's log-probabilities, joined to the scores in `metrics`
+        t2 = time.perf_counter()
+        fitted = Head.fit(task, seed)
+        if fitted is not None:
+            head = [[lp[o] for o in task.options] for lp in fitted.log_probs([q.input for q in queries], task.options)]
+        predict_s += time.perf_counter() - t2
+    return {"raw": raw, "prior": prior, "head": head, "head_weight": recipe.head, "epochs": epochs, "steps": steps,
+            "stopped": stopped, "adapt_s": t1 - t0, "predict_s": predict_s}
 
 
 def run_peft(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], seed: int) -> dict[str, Any]:
@@ -242,28 +250,27 @@ def merged(lm: LM, peer: Any) -> dict[str, torch.Tensor]:
 
 
 def run_tfidf(task: Task, queries: Sequence[Example], seed: int) -> dict[str, Any]:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import FeatureUnion, make_pipeline
-
+    """The bag-of-words peer alone: the service's own head (`model.head.Head`), fit on the demonstrations."""
     t0 = time.perf_counter()
-    # words, or any single symbol (inputs made only of emojis still have features)
-    feats = FeatureUnion([("w", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"\w+|[^\w\s]")),
-                          ("c", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True))])
-    clf = make_pipeline(feats, LogisticRegression(C=10.0, max_iter=2000, random_state=seed))
-    clf.fit([d.input for d in task.demonstrations], [d.output for d in task.demonstrations])
-    proba = clf.predict_proba([q.input for q in queries])
-    classes = list(clf.classes_)
-    raw = [[math.log(max(p[classes.index(o)], 1e-12)) if o in classes else -1e9 for o in task.options] for p in proba]
+    head = Head.fit(task, seed)
+    raw = [[lp[o] for o in task.options] for lp in head.log_probs([q.input for q in queries], task.options)]
     return {"raw": raw, "prior": None, "epochs": 0, "adapt_s": time.perf_counter() - t0, "predict_s": 0.0}
 
 
 # --------------------------------------------------------------------------- metrics
 def metrics(options: list[str], raw: list[list[float]], golds: list[str], prior: dict[str, float] | None,
-            llm: bool) -> dict[str, float]:
+            llm: bool, head: list[list[float]] | None = None, weight: float = 0.0) -> dict[str, float]:
+    """`head`: the bag-of-words head's log-probabilities per query, joined as predict joins them
+    (`model.head.combine`), whatever the shift."""
     def decide(shift: dict[str, float] | None) -> list[str]:
         shift = shift or {}
-        return [options[max(range(len(options)), key=lambda j: row[j] - shift.get(options[j], 0.0))] for row in raw]
+        out = []
+        for i, row in enumerate(raw):
+            scores = {o: row[j] - shift.get(o, 0.0) for j, o in enumerate(options)}
+            if head is not None:
+                scores = combine(scores, dict(zip(options, head[i])), weight)
+            out.append(max(options, key=scores.__getitem__))
+        return out
 
     preds = decide(prior)
     counts = Counter(preds)
@@ -331,15 +338,17 @@ def markdown(summary: dict[str, Any], k: int, subset: str, seeds: Sequence[int],
 def config_key(name: str, recipe: Recipe | None, lora: LoraSpec, mode: str = "lora", k: int = 16,
                ckpt_id: str | None = None) -> str:
     """What a journaled result depends on. `min_demos` counts only where it changes the steps at
-    this k, `retrieve` only where there are more demonstrations than it (so results from before
-    either existed still match)."""
+    this k, `retrieve` only where there are more demonstrations than it, `head` only where it is
+    on (so results from before any existed still match)."""
     fields = recipe.to_dict() if recipe else None
     every_layer = LoraSpec(8, 16, ("q_proj", "v_proj"), None)  # the layout of the first runs: their keys name none
     if fields and (k >= recipe.min_demos or not recipe.epochs):
         del fields["min_demos"]
     if fields and (recipe.retrieve is None or k <= recipe.retrieve):  # retrieval cannot apply (model.retrieval.applies)
         del fields["retrieve"]
-    peer = PEER if name == "peft_trainer" else None
+    if fields and not recipe.head:  # no head: as before the field existed
+        del fields["head"]
+    peer = PEER if name == "peft_trainer" else {"solver": "saga"} if name == "tfidf_lr" else None  # (lbfgs before)
     if peer and k > 64:  # the time budget cannot bind below (k=64: 160 short steps, ~30 s)
         peer = {**peer, "time_budget_s": get_settings().adapt_time_budget_s}
     body = json.dumps({"name": name, "recipe": fields, "peer": peer}
@@ -422,7 +431,8 @@ def main() -> None:
                     else:
                         r = run_llm(lm, fmt, task, queries, recipe, seed, modes.get(v, "lora"), untrained,
                                     loaded.get(starts.get(v)))
-                    r["metrics"] = metrics(task.options, r["raw"], golds, r["prior"], v != "tfidf_lr")
+                    r["metrics"] = metrics(task.options, r["raw"], golds, r["prior"], v != "tfidf_lr", r.get("head"),
+                                           r.get("head_weight", 0.0))
                     r["key"] = key
                     r["config"] = {"recipe": recipe.to_dict() if recipe else None, "lora": lm.lora.__dict__ if recipe else None,
                                    "peer": PEER if v == "peft_trainer" else None, "mode": modes.get(v, "lora"),

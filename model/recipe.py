@@ -58,6 +58,10 @@ class Recipe:
         prediction (report subset: -8.9 macro-F1, interval [-14.2, -3.5]; search subset: -1.5,
         bench/results/search-k4); at k=16 it did not. k from 5 to 15 is not measured: 5 is the
         first k not known to lose. An explicit `epochs` or `steps` in a request trains.
+    head: the weight of the bag-of-words head (`model.head`: TF-IDF + logistic regression fit on
+        every demonstration) whose log-probabilities are added to the options' scores, taken as
+        log-probabilities over the options (0: the language model alone). It learns from all the
+        demonstrations where the prompt shows a few dozen; see DEFAULT for what it measured.
     calibrate: subtract each option's prior, estimated once at adaptation time from the
         demonstrations' own scores (batch calibration with the demonstrations as the batch),
         so predictions do not collapse onto the option the model favours a priori, and an input
@@ -87,6 +91,7 @@ class Recipe:
     retrieve: int | None = 16
     length_norm: bool = True
     calibrate: bool = True
+    head: float = 1.0
     min_demos: int = 5
     min_steps: int = 1
     max_steps: int = 200
@@ -100,6 +105,8 @@ class Recipe:
             raise ValueError("predict_demos must be >= 0 or None (all that fit)")
         if self.retrieve is not None and self.retrieve < 1:
             raise ValueError("retrieve must be >= 1 or None (the fixed prompt)")
+        if self.head < 0:
+            raise ValueError("head must be >= 0 (0: the language model alone)")
         if self.min_demos < 0:
             raise ValueError("min_demos must be >= 0")
         if not 0 <= self.min_steps <= self.max_steps:
@@ -133,4 +140,4 @@ class Recipe:
 DEFAULT = Recipe()
 # MetaICL's in-context prediction, the baseline: no training, every demonstration that fits in
 # context (the same fixed ones for every query), mean log-likelihood per token, no calibration.
-ICL = Recipe(loss="lm", epochs=0, predict_demos=None, retrieve=None, calibrate=False, min_steps=0)
+ICL = Recipe(loss="lm", epochs=0, predict_demos=None, retrieve=None, calibrate=False, head=0.0, min_steps=0)

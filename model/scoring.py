@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from model.head import Head, combine
 from model.lm import LM
 from model.prefix import Prefix, build_prefix, in_context, score_rows
 from model.prompts import Formatter, Row, longest
@@ -40,6 +41,7 @@ def predict(
     max_new_tokens: int = 32,
     embeddings: Tensor | None = None,
     rows: Sequence[list[Row]] | None = None,
+    head: Head | None = None,
 ) -> list[Prediction]:
     """Answer each query: the best option by score, or greedy text for generation tasks.
 
@@ -54,8 +56,24 @@ def predict(
     query gets its nearest ones instead (`model.retrieval`; `embeddings` are the demonstrations',
     computed here when not given), and queries that chose the same set share one prefix.
     `rows`: the queries' `query_rows`, where the caller made them already (the worker sizes the
-    prefix with them).
+    prefix with them). `head`: the task's fitted bag-of-words head (`model.head`), whose
+    log-probabilities join the scores of queries on the task's own options, weighted `recipe.head`.
     """
+    preds = _predict(lm, task, queries, params, recipe, prior, fmt, prefix, cache, max_new_tokens, embeddings, rows)
+    if head is None or not recipe.head:
+        return preds
+    mine = [i for i, q in enumerate(queries) if q.options is None and preds[i].scores is not None]
+    for i, lp in zip(mine, head.log_probs([queries[i].input for i in mine], task.options or [])):
+        scores = combine(preds[i].scores, lp, recipe.head)
+        preds[i] = Prediction(max(scores, key=scores.__getitem__), scores)
+    return preds
+
+
+def _predict(lm: LM, task: Task, queries: Sequence[Query | Example], params: Mapping[str, Tensor] | None,
+             recipe: Recipe, prior: Mapping[str, float] | None, fmt: Formatter | None, prefix: Prefix | None,
+             cache: bool, max_new_tokens: int, embeddings: Tensor | None,
+             rows: Sequence[list[Row]] | None) -> list[Prediction]:
+    """`predict` with the language model alone."""
     fmt = fmt or Formatter(lm.encode)
     shown = in_context(task, recipe)
     per_query = rows if rows is not None else query_rows(fmt, task, queries, max_new_tokens)
@@ -99,8 +117,8 @@ def _retrieved(lm: LM, task: Task, queries: Sequence[Query | Example], rows: Seq
     fixed = recipe.but(retrieve=None, predict_demos=None)
     preds: list[Prediction | None] = [None] * len(queries)
     for c, members in grouped(chosen).items():
-        got = predict(lm, chosen_task(task, c), [queries[i] for i in members], params, fixed, prior, fmt, None, cache,
-                      max_new_tokens, rows=[rows[i] for i in members])
+        got = _predict(lm, chosen_task(task, c), [queries[i] for i in members], params, fixed, prior, fmt, None,
+                       cache, max_new_tokens, None, [rows[i] for i in members])
         for i, p in zip(members, got):
             preds[i] = p
     return preds  # type: ignore[return-value]

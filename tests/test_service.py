@@ -293,3 +293,28 @@ def test_the_list_filters_by_status_and_responses_say_what_they_cost(client):
     count = client.app.state.count_tokens
     assert r.json()["usage"]["tokens_scored"] == sum(count(x) + count(o) for x in ("a joy", "so dull")
                                                      for o in ("positive", "negative"))
+
+
+def test_the_bag_of_words_head_learns_from_every_demonstration_and_can_be_turned_off(client):
+    """90 tickets whose team a keyword tells: the tiny random model cannot learn it in context, the
+    default recipe's head (fit by the worker from the stored demonstrations) does; `head: 0` is the
+    language model alone, and its answers differ."""
+    from test_head import TEAMS, tickets
+
+    body = {"demonstrations": [e.model_dump(include={"input", "output"}) for e in tickets(90)],
+            "options": list(TEAMS), "adaptation": {"space": "none"}}
+    held_out = tickets(30, seed=2)
+
+    def answers(b: dict) -> list[str]:
+        task = create(client, b).json()
+        wait_status(client, task["id"])
+        r = client.post("/predict", json={"task_id": task["id"], "inputs": [e.input for e in held_out]}, headers=auth())
+        assert r.status_code == 200, r.text
+        return [p["output"] for p in r.json()["predictions"]]
+
+    with_head = answers(body)
+    alone = answers({**body, "adaptation": {"space": "none", "head": 0}})
+    right = lambda got: sum(a == e.output for a, e in zip(got, held_out))  # noqa: E731
+    assert right(with_head) >= 27 and right(with_head) > right(alone)
+    r = client.post("/tasks", json={**body, "adaptation": {"head": -1}}, headers=auth())
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "adaptation", "head"]

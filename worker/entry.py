@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.head import Head
 from model.lm import Params
 from model.prefix import Prefix
 
@@ -19,6 +20,10 @@ class Entry:
     prior: dict[str, float] | None = None  # option -> calibrated log prior (Recipe.calibrate)
     prefixes: dict[int, Prefix] = field(default_factory=dict)  # demonstrations used -> encoded prefix
     embeddings: torch.Tensor | None = None  # the demonstrations', where predictions retrieve (Recipe.retrieve)
+    # the bag-of-words head (Recipe.head), fit from the stored demonstrations on a worker's first
+    # prediction (deterministic, about a second for 1,000 of them): nothing more to store or ship
+    head: Head | None = None
+    head_fit: bool = False
 
 
 

@@ -25,6 +25,7 @@ from model import weights
 from model.adapt import Adapted, adapt, start_params
 from model.calibration import option_prior
 from model.generation import Piece, Sampling, stream
+from model.head import Head
 from model.lm import LM, LoraSpec, Params
 from model.loading import load_lm
 from model.optim import AdamState
@@ -48,8 +49,8 @@ def lora_spec(s: Settings) -> LoraSpec:
 
 def recipe_of(rec: dict[str, Any]) -> Recipe:
     """The record's recipe; records written before recipes existed adapted with fixed steps of the LM loss."""
-    if rec.get("recipe"):  # recipes stored before min_demos trained any number; before retrieve, a fixed prompt
-        return Recipe(**{"min_demos": 0, "retrieve": None, **rec["recipe"]})
+    if rec.get("recipe"):  # recipes stored before min_demos trained any number; before retrieve, a fixed
+        return Recipe(**{"min_demos": 0, "retrieve": None, "head": 0.0, **rec["recipe"]})  # prompt; before head, none
     steps = rec.get("steps", 0)
     return Recipe(loss="lm", epochs=1.0 if steps else 0.0, batch_size=4, context_demos=4, lr=rec.get("lr"),
                   predict_demos=None, calibrate=False, min_demos=0, min_steps=steps, max_steps=steps)
@@ -258,12 +259,15 @@ class Runtime:
         n_new = self.s.max_new_tokens
         per_query = query_rows(self.fmt, task, queries, n_new)  # encoded once: they size the prefix, then are scored
         rows = [r for rs in per_query for r in rs]
+        if recipe.head and not entry.head_fit:
+            entry.head, entry.head_fit = Head.fit(task), True
         if self._retrieving(entry, task, recipe, rows):  # a prefix per chosen set, built by predict
             return predict(self.lm, task, queries, params=entry.params or None, recipe=recipe, prior=entry.prior,
-                           fmt=self.fmt, max_new_tokens=n_new, embeddings=entry.embeddings, rows=per_query)
+                           fmt=self.fmt, max_new_tokens=n_new, embeddings=entry.embeddings, rows=per_query,
+                           head=entry.head)
         prefix = self._prefix(entry, task, recipe, rows)
         return predict(self.lm, task, queries, params=entry.params or None, recipe=recipe, prior=entry.prior,
-                       fmt=self.fmt, prefix=prefix, max_new_tokens=n_new, rows=per_query)
+                       fmt=self.fmt, prefix=prefix, max_new_tokens=n_new, rows=per_query, head=entry.head)
 
     def generate(self, rec: dict[str, Any], text: str, sp: Sampling,
                  stopped: Callable[[], bool] = lambda: False) -> Iterator[Piece]:

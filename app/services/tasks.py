@@ -55,6 +55,8 @@ def resolve_recipe(s, a: Adaptation, space: str, ckpt_lr: float | None) -> Recip
     """The task's recipe: the default, the operator's overrides, then the request's fields. In
     context (space none) nothing is trained and every demonstration that fits is shown."""
     recipe = DEFAULT.but(**s.adapt_recipe)
+    if a.head is not None:
+        recipe = recipe.but(head=a.head)
     if space == "none":
         return recipe.but(epochs=0, min_steps=0, predict_demos=None)
     lr = a.lr or ckpt_lr
