@@ -149,7 +149,8 @@ def test_worker_predicts_with_retrieval_where_the_demonstrations_do_not_fit():
     queries = [Query(input=d.input) for d in task.demonstrations[:4]]
     got = rt.predict(rec, queries)
     assert entry.embeddings is not None and not entry.prefixes  # retrieved: no shared prefix kept
-    want = predict(LM, task, queries, recipe=recipe, fmt=rt.fmt, embeddings=entry.embeddings)
+    assert entry.head is not None  # the default recipe's head, fit from the task's demonstrations
+    want = predict(LM, task, queries, recipe=recipe, fmt=rt.fmt, embeddings=entry.embeddings, head=entry.head)
     assert [p.scores for p in got] == [p.scores for p in want]
     rt.fmt = Formatter(LM.encode)  # everything fits: the fixed prompt, its prefix cached as before
     rt.predict(rec, queries)
