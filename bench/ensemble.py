@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.head import combine  # noqa: E402
-from model.metrics import macro_f1  # noqa: E402
+from model.metrics import macro_f1, paired  # noqa: E402
+from model.recipe import DEFAULT  # noqa: E402
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 1e3)
 
@@ -62,8 +63,16 @@ def main() -> None:
     for w in WEIGHTS:
         cells = " ".join(f"{t.split('.')[-1][:14]}={sum(v) / len(v):.1f}" for t, v in per_task[w].items())
         print(f"w={w:<7g} mean {mean[w]:.1f}  {cells}")
+    # the recipe's weight against the model alone and the head alone, paired by task and seed
+    report = {"results": {str(w): {"per_seed": dict(t)} for w, t in per_task.items()}}
+    gaps = {}
+    for other, name in ((0.0, "llm_alone"), (WEIGHTS[-1], "head_alone")):
+        p = paired(report, str(DEFAULT.head), str(other))
+        gaps[f"head {DEFAULT.head:g} - {name}"] = {"diff": round(p["diff"], 2), "ci95": [round(x, 2) for x in p["ci95"]],
+                                                   "tasks": p["tasks"]}
+        print(f"w={DEFAULT.head:g} - {name}: {p['diff']:+.1f} [{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] over {p['tasks']} tasks")
     print(json.dumps({"llm": variant, "pairs": len(pairs), "weights": {str(w): round(m, 2) for w, m in mean.items()},
-                      "llm_alone": round(mean[0.0], 2), "tfidf_alone": round(mean[WEIGHTS[-1]], 2)}))
+                      "llm_alone": round(mean[0.0], 2), "tfidf_alone": round(mean[WEIGHTS[-1]], 2), "paired": gaps}))
 
 
 if __name__ == "__main__":
