@@ -168,7 +168,8 @@ def adapt(
     `time_budget_s` (seconds from the call) ends the inner loop after the step under way once it
     is spent, and `should_stop` (asked after each step) whenever it says so; the result says
     which, and the steps taken of those planned. Calibration then runs on what was trained: its
-    cost is bounded apart (`model.calibration.CALIBRATION_DEMOS`). Where predictions will retrieve
+    cost is bounded apart (`model.calibration.CALIBRATION_DEMOS`), and where it retrieves (a
+    prefix per demonstration) by the budget too: training stops at four fifths of it. Where predictions will retrieve
     their demonstrations (`Recipe.retrieve`), their embeddings are computed here, once.
     """
     t0 = time.monotonic()
@@ -188,10 +189,15 @@ def adapt(
     free = free and embeddings is None  # retrieval scores demonstrations in other contexts than training's
     why: list[str] = []
 
+    # Under retrieval calibration encodes a prefix per demonstration scored: it gets the budget's
+    # last fifth (and scores at least MIN_CALIBRATION_DEMOS), training the rest.
+    deadline = None if time_budget_s is None else t0 + time_budget_s
+    train_s = None if time_budget_s is None else time_budget_s * (0.8 if embeddings is not None else 1.0)
+
     def stop() -> bool:
         if should_stop is not None and should_stop():
             why.append("stopped")
-        elif time_budget_s is not None and time.monotonic() - t0 >= time_budget_s:
+        elif train_s is not None and time.monotonic() - t0 >= train_s:
             why.append("time_budget")
         return bool(why)
 
@@ -209,7 +215,7 @@ def adapt(
         after = support_loss(lm, params, fmt, task, recipe, seed) if steps else before
     else:
         before = losses[0] if losses else after
-    prior = (scored.prior(recipe.length_norm) if scored else option_prior(lm, task, params, recipe, fmt, embeddings)) \
-        if recipe.calibrate else None
+    prior = (scored.prior(recipe.length_norm) if scored
+             else option_prior(lm, task, params, recipe, fmt, embeddings, deadline)) if recipe.calibrate else None
     epochs = recipe.epochs_for(len(demos)) * (done / steps if steps else 0.0)
     return Adapted(mode, trainable, before, after, losses, state, prior, epochs, done, steps, stopped, embeddings)

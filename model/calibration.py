@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import math
+import time
 
 import torch
 from torch import Tensor
@@ -24,6 +25,10 @@ from model.task import Example, Task
 # many prefixes). The prior is a mean over inputs, which a label-balanced sample of 256 estimates
 # well at a bounded cost; below the cap every demonstration is scored, as before.
 CALIBRATION_DEMOS = 256
+# Under retrieval each demonstration scored encodes its own prefix (~1 s on SmolLM2, 2 cores), so
+# an adaptation's time budget bounds calibration too: past its deadline, scoring stops once this
+# many are scored (in round-robin order over the labels, so those scored stay label-balanced).
+MIN_CALIBRATION_DEMOS = 32
 
 
 def calibration_sample(task: Task, demos: Sequence[Example], cap: int = CALIBRATION_DEMOS) -> list[Example]:
@@ -87,12 +92,14 @@ class DemoScores:
 
 @torch.no_grad()
 def demo_scores(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe: Recipe,
-                fmt: Formatter | None = None, embeddings: Tensor | None = None) -> DemoScores | None:
+                fmt: Formatter | None = None, embeddings: Tensor | None = None,
+                deadline: float | None = None) -> DemoScores | None:
     """The task's demonstrations (`calibration_sample`) scored in the prediction prompt (None for
     tasks without one label set). With demonstrations in the prediction context, each one is
     scored with its own copy masked from attention (leave-one-out at the cost of one prefix: it
     would otherwise copy its label). Where predictions retrieve their demonstrations
-    (`Recipe.retrieve`), each is scored in the context it retrieves, itself excluded."""
+    (`Recipe.retrieve`), each is scored in the context it retrieves, itself excluded, and past
+    `deadline` (time.monotonic) scoring stops at MIN_CALIBRATION_DEMOS or more."""
     if not task.options:
         return None
     fmt = fmt or Formatter(lm.encode)
@@ -100,7 +107,7 @@ def demo_scores(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe:
     demos = calibration_sample(task, [d for d in task.demonstrations if d.options is None])
     rows = [r for d in demos for r in fmt.candidates(d.input, task.options)]
     if applies(fmt, task, recipe, longest(rows)):
-        return _retrieved_scores(lm, task, params, recipe, fmt, demos, embeddings)
+        return _retrieved_scores(lm, task, params, recipe, fmt, demos, embeddings, deadline)
     ids, used = fmt.prefix(shown.instruction, shown.demonstrations, longest(rows))
     spans = demo_spans(fmt, shown.demonstrations, ids, used)
     hide = [spans.get(id(d)) for d in demos for _ in task.options]
@@ -110,8 +117,9 @@ def demo_scores(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe:
 
 
 def _retrieved_scores(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe: Recipe, fmt: Formatter,
-                      demos: list[Example], embeddings: Tensor | None) -> DemoScores:
-    """`demo_scores` under retrieval: one prefix per distinct chosen set, as `predict` does."""
+                      demos: list[Example], embeddings: Tensor | None, deadline: float | None = None) -> DemoScores:
+    """`demo_scores` under retrieval: one prefix per distinct chosen set, as `predict` does; the
+    sets in round-robin order over the labels, so that those scored by `deadline` stay balanced."""
     index = {id(d): i for i, d in enumerate(task.demonstrations)}
     if embeddings is None:
         embeddings = embed(lm, [d.input for d in task.demonstrations])
@@ -121,19 +129,42 @@ def _retrieved_scores(lm: LM, task: Task, params: Mapping[str, Tensor] | None, r
                       exclude=[index[id(d)] for d in demos], query_embeddings=mine)
     shape = (len(demos), len(task.options or []))
     sums, lengths = torch.zeros(shape, device=lm.device), torch.zeros(shape, device=lm.device)
-    for c, members in grouped(chosen).items():
+    rank = round_robin(task, demos)
+    done: list[int] = []
+    for c, members in sorted(grouped(chosen).items(), key=lambda kv: min(rank[i] for i in kv[1])):
+        if deadline is not None and len(done) >= MIN_CALIBRATION_DEMOS and time.monotonic() >= deadline:
+            break
         sub = chosen_task(task, c)
         rows = [r for i in members for r in per[i]]
         ids, used = fmt.prefix(sub.instruction, sub.demonstrations, longest(rows))
         s, n = row_logprobs(lm, encode_prefix(lm, ids, params, used), rows, params)
         sums[members], lengths[members] = s.view(len(members), -1), n.view(len(members), -1)
-    return DemoScores(demos, list(task.options or []), sums, lengths)
+        done += members
+    keep = sorted(done)
+    return DemoScores([demos[i] for i in keep], list(task.options or []), sums[keep], lengths[keep])
+
+
+def round_robin(task: Task, demos: Sequence[Example]) -> list[int]:
+    """Each demonstration's turn when the labels take turns (the first of each label, then the
+    second of each, ...)."""
+    seen: dict[str | None, int] = {}
+    turns = []
+    for d in demos:
+        label = label_of(task, d)
+        turns.append(seen.get(label, 0))
+        seen[label] = turns[-1] + 1
+    order = sorted(range(len(demos)), key=lambda i: (turns[i], i))
+    rank = [0] * len(demos)
+    for r, i in enumerate(order):
+        rank[i] = r
+    return rank
 
 
 def option_prior(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe: Recipe,
-                 fmt: Formatter | None = None, embeddings: Tensor | None = None) -> dict[str, float] | None:
+                 fmt: Formatter | None = None, embeddings: Tensor | None = None,
+                 deadline: float | None = None) -> dict[str, float] | None:
     """The options' prior for `predict`, estimated once from the task's own demonstrations
     scored as predictions would score them (`demo_scores`; None for tasks without one label set).
     Stored with the task, it gives every input the same answer whatever else is in its call."""
-    scored = demo_scores(lm, task, params, recipe, fmt, embeddings)
+    scored = demo_scores(lm, task, params, recipe, fmt, embeddings, deadline)
     return scored.prior(recipe.length_norm) if scored else None

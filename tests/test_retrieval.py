@@ -120,3 +120,24 @@ def test_no_more_demonstrations_than_retrieve_keeps_the_fixed_prompt(lm):
     tight = Formatter(lm.encode, budget=40)  # not all 10 fit
     assert not applies(tight, task, DEFAULT.but(retrieve=10), 8)
     assert applies(tight, task, DEFAULT.but(retrieve=9), 8)
+
+
+def test_past_its_deadline_retrieved_calibration_stops_label_balanced(lm):
+    """Under retrieval each demonstration scored costs a prefix: past the adaptation's deadline,
+    calibration stops once MIN_CALIBRATION_DEMOS are scored, taken in turns over the labels, and
+    their scores are those the unhurried run gives them."""
+    from model.calibration import MIN_CALIBRATION_DEMOS, round_robin
+    from model.task import Example
+
+    demos = [Example(input=f"{'good' if i % 4 else 'bad'} film number {i}", output="positive" if i % 4 else "negative")
+             for i in range(80)]  # 60 positive, 20 negative
+    task = Task(demonstrations=demos, options=["positive", "negative"])
+    fmt, recipe = Formatter(lm.encode, budget=40), DEFAULT.but(retrieve=3)
+    every = demo_scores(lm, task, None, recipe, fmt)
+    hurried = demo_scores(lm, task, None, recipe, fmt, deadline=0.0)  # long past
+    assert len(every.demos) == 80 and MIN_CALIBRATION_DEMOS <= len(hurried.demos) < 40
+    labels = [d.output for d in hurried.demos]
+    assert abs(labels.count("positive") - labels.count("negative")) <= 2  # not 3:1 as the task is
+    where = [demos.index(d) for d in hurried.demos]
+    assert torch.allclose(hurried.sums, every.sums[where])
+    assert sorted(round_robin(task, demos)) == list(range(80))
