@@ -1,7 +1,8 @@
 """Macro-F1 against the number of demonstrations n, per method: a table and a plot from
 bench/adapt_quality.py journals (one per n), on the tasks and seeds every n ran.
 
-Entries that kept their raw scores also give `<variant>+head`: the variant's calibrated scores
+Entries run with the head (the recipe's `head`) count as `<variant>+head`, and give `<variant>`
+scored offline without it. Entries that kept their raw scores without it also give `<variant>+head`: the variant's calibrated scores
 joined with the bag-of-words head (the journal's `tfidf_lr` entry of the same task, seed and
 queries) as the service joins them at weight `--head` (`model.head.combine`), scored offline.
 
@@ -46,7 +47,11 @@ def rows(folder: Path, head: float) -> list[dict]:
                     "f1": e["metrics"]["macro_f1"], "seconds": e["adapt_s"] + e["predict_s"], "entry": e})
     for r in list(out):
         e, peer = r["entry"], peers.get((r["task"], str(r["n"]), str(r["seed"])))
-        if peer is not None and r["variant"] != "tfidf_lr" and "raw" in e and not e.get("head"):
+        if e.get("head"):  # run with the head: its F1 is the +head one; the model alone scored offline
+            r["variant"] += "+head"
+            alone = combined(e, {"raw": [[0.0] * len(e["options"])] * len(e["raw"])}, 0.0)
+            out.append({**r, "variant": r["variant"][: -len("+head")], "f1": 100 * macro_f1(alone, e["golds"])})
+        elif peer is not None and r["variant"] != "tfidf_lr" and "raw" in e:
             f1 = 100 * macro_f1(combined(e, peer, head), e["golds"])
             out.append({**r, "variant": r["variant"] + "+head", "f1": f1, "seconds": r["seconds"] + peer["adapt_s"]})
     return out
