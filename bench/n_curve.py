@@ -51,7 +51,7 @@ def rows(folder: Path, head: float) -> list[dict]:
             r["variant"] += "+head"
             alone = combined(e, {"raw": [[0.0] * len(e["options"])] * len(e["raw"])}, 0.0)
             out.append({**r, "variant": r["variant"][: -len("+head")], "f1": 100 * macro_f1(alone, e["golds"])})
-        elif peer is not None and r["variant"] != "tfidf_lr" and "raw" in e:
+        elif peer is not None and r["variant"] not in ("tfidf_lr", "peft_trainer") and "raw" in e:  # ours, not peers
             f1 = 100 * macro_f1(combined(e, peer, head), e["golds"])
             out.append({**r, "variant": r["variant"] + "+head", "f1": f1, "seconds": r["seconds"] + peer["adapt_s"]})
     return out
