@@ -58,7 +58,8 @@ def export(client, task_id: str, folder: Path, fmt: str = "auto") -> dict:
 @torch.no_grad()
 def scores_of(model, tokenizer, info: dict, demos: list[dict], inputs=INPUTS) -> list[dict[str, float]]:
     """What the service's scores are, computed with plain transformers: each option's mean (or summed)
-    log-likelihood after the prompt the export's recipe describes, minus the exported prior."""
+    log-likelihood after the prompt the export's recipe describes, minus the exported prior, joined
+    with the bag-of-words head the recipe names (fit on the demonstrations: no weights to export)."""
     fmt = Formatter(lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], info["prompt_format"])
     recipe, prior = info["recipe"], info["prior"] or {}
     from model.task import Example
@@ -76,6 +77,12 @@ def scores_of(model, tokenizer, info: dict, demos: list[dict], inputs=INPUTS) ->
             lp = sum(float(logp[start - 1 + j, t]) for j, t in enumerate(r.target))
             got[o] = (lp / len(r.target) if recipe["length_norm"] else lp) - prior.get(o, 0.0)
         out.append(got)
+    if recipe.get("head"):
+        from model.head import Head, combine
+        from model.task import Task
+
+        head = Head.fit(Task(demonstrations=demos, options=info["options"]))
+        out = [combine(got, lp, recipe["head"]) for got, lp in zip(out, head.log_probs(inputs, info["options"]))]
     return out
 
 
@@ -208,15 +215,24 @@ def test_a_peft_adapter_of_lower_rank_on_fewer_layers_is_served_exactly(client, 
     assert task["status"] == "ready"
     ours = service_scores(client, task["id"])
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), tmp_path).eval()
-    info = {"prompt_format": "direct", "recipe": task["recipe"], "options": OPTIONS, "instruction": None, "prior": None}
+    # the language model's scores alone; the service's add its head's log-probabilities below
+    info = {"prompt_format": "direct", "recipe": {**task["recipe"], "head": 0}, "options": OPTIONS, "instruction": None,
+            "prior": None}
     theirs = scores_of(model, AutoTokenizer.from_pretrained(base_folder), info, body["demonstrations"])
     fresh = create(client, {**sentiment(tag="foreign"), "adaptation": {"mode": "none"}})  # the same task with no adapter
     plain = service_scores(client, fresh["id"])
     assert not close(plain, ours)  # the adapter changes the answers
-    # The service subtracts the prior it calibrated with this adapter on the demonstrations: with the
-    # adapter's weights served exactly, the difference is that prior, the same for every input.
-    prior = {k: theirs[0][k] - ours[0][k] for k in OPTIONS}
-    assert close([{k: t[k] - prior[k] for k in t} for t in theirs], ours)
+    # The service subtracts the prior it calibrated with this adapter on the demonstrations and adds
+    # the head (model.head.combine): with the adapter's weights served exactly, the margin between
+    # the options, less the head's, differs from the plain model's by the prior's, the same for every input.
+    from model.head import Head
+    from model.task import Task
+
+    head = Head.fit(Task(demonstrations=body["demonstrations"], options=OPTIONS)).log_probs(INPUTS, OPTIONS)
+    w = task["recipe"]["head"]
+    margin = lambda d: d["positive"] - d["negative"]  # noqa: E731
+    shifts = [margin(o) - w * margin(h) - margin(t) for o, h, t in zip(ours, head, theirs)]
+    assert max(shifts) - min(shifts) <= 1e-4, shifts
 
 
 def other_base_adapter(folder: Path) -> Path:
