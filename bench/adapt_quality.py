@@ -174,11 +174,8 @@ def run_llm(lm: LM, fmt: Formatter, task: Task, queries: Sequence[Example], reci
             untrained[memo] = raw, predict_s
     head = None
     if recipe.head:  # the bag-of-words head's log-probabilities, joined to the scores in `metrics`
-        t2 = time.perf_counter()
-        fitted = Head.fit(task, seed)
-        if fitted is not None:
-            head = [[lp[o] for o in task.options] for lp in fitted.log_probs([q.input for q in queries], task.options)]
-        predict_s += time.perf_counter() - t2
+        head, head_s = head_rows(task, queries, seed, untrained)
+        predict_s += head_s
     return {"raw": raw, "prior": prior, "head": head, "head_weight": recipe.head, "epochs": epochs, "steps": steps,
             "stopped": stopped, "adapt_s": t1 - t0, "predict_s": predict_s}
 
@@ -249,12 +246,26 @@ def merged(lm: LM, peer: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_tfidf(task: Task, queries: Sequence[Example], seed: int) -> dict[str, Any]:
-    """The bag-of-words peer alone: the service's own head (`model.head.Head`), fit on the demonstrations."""
+def head_rows(task: Task, queries: Sequence[Example], seed: int, memo: dict | None = None) -> tuple[list | None, float]:
+    """The service's bag-of-words head (`model.head.Head`, fit with the adaptation's seed, as the
+    worker fits it) on the queries: log-probabilities in the task's option order (None where it
+    has nothing to separate), and the seconds it took; computed once per task and seed in `memo`."""
+    if memo is not None and "head" in memo:
+        return memo["head"]
     t0 = time.perf_counter()
     head = Head.fit(task, seed)
-    raw = [[lp[o] for o in task.options] for lp in head.log_probs([q.input for q in queries], task.options)]
-    return {"raw": raw, "prior": None, "epochs": 0, "adapt_s": time.perf_counter() - t0, "predict_s": 0.0}
+    rows = None if head is None else \
+        [[lp[o] for o in task.options] for lp in head.log_probs([q.input for q in queries], task.options)]
+    out = rows, time.perf_counter() - t0
+    if memo is not None:
+        memo["head"] = out
+    return out
+
+
+def run_tfidf(task: Task, queries: Sequence[Example], seed: int, memo: dict | None = None) -> dict[str, Any]:
+    """The bag-of-words peer alone: the service's own head."""
+    raw, seconds = head_rows(task, queries, seed, memo)
+    return {"raw": raw, "prior": None, "epochs": 0, "adapt_s": seconds, "predict_s": 0.0}
 
 
 # --------------------------------------------------------------------------- metrics
@@ -349,7 +360,7 @@ def config_key(name: str, recipe: Recipe | None, lora: LoraSpec, mode: str = "lo
     if fields and not recipe.head:  # no head: as before the field existed
         del fields["head"]
     peer = PEER if name == "peft_trainer" else {"solver": "saga"} if name == "tfidf_lr" else None  # (lbfgs before)
-    if peer and k > 64:  # the time budget cannot bind below (k=64: 160 short steps, ~30 s)
+    if name == "peft_trainer" and k > 64:  # the time budget cannot bind below (k=64: 160 short steps, ~30 s)
         peer = {**peer, "time_budget_s": get_settings().adapt_time_budget_s}
     body = json.dumps({"name": name, "recipe": fields, "peer": peer}
                       | ({"lora": lora.__dict__} if recipe and recipe.epochs and lora != every_layer and mode == "lora" else {})
@@ -419,13 +430,13 @@ def main() -> None:
                 log.warning("%s: nothing fits the prompt budget; skipped", bt.name)
                 continue
             golds = [q.output for q in queries]
-            untrained: dict = {}  # this task and seed's raw scores of recipes that train nothing
+            untrained: dict = {}  # this task and seed's raw scores of recipes that train nothing, and its head
             for v in variants:
                 recipe = recipes.get(v)
                 key = f"{v}|{config_key(v, recipe, lm.lora, modes.get(v, 'lora'), args.k, starts.get(v))}|{bt.name}|{args.k}|{seed}|{len(queries)}"
                 if key not in known:
                     if v == "tfidf_lr":
-                        r = run_tfidf(task, queries, seed)
+                        r = run_tfidf(task, queries, seed, untrained)
                     elif v == "peft_trainer":
                         r = run_peft(lm, fmt, task, queries, seed)
                     else:

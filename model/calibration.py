@@ -32,20 +32,30 @@ MIN_CALIBRATION_DEMOS = 32
 
 
 def calibration_sample(task: Task, demos: Sequence[Example], cap: int = CALIBRATION_DEMOS) -> list[Example]:
-    """All the demonstrations up to `cap`; beyond it `cap` of them, taken round-robin over the
-    labels in the task's order (deterministic: the same prior on every worker), kept in that order."""
+    """All the demonstrations up to `cap`; beyond it the first `cap` in `round_robin` order
+    (deterministic: the same prior on every worker), kept in the task's order."""
     if len(demos) <= cap:
         return list(demos)
-    lanes: dict[str | None, list[int]] = {}
-    for i, d in enumerate(demos):
-        lanes.setdefault(label_of(task, d), []).append(i)
-    queues = [q[::-1] for q in lanes.values()]
-    taken: list[int] = []
-    while len(taken) < cap:
-        for q in queues:
-            if q and len(taken) < cap:
-                taken.append(q.pop())
-    return [demos[i] for i in sorted(taken)]
+    rank = round_robin(task, demos)
+    return [d for d, r in zip(demos, rank) if r < cap]
+
+
+def round_robin(task: Task, demos: Sequence[Example]) -> list[int]:
+    """Each demonstration's rank when the labels take turns, in the order they first appear: the
+    first of each label, then the second of each, ..."""
+    lane: dict[str | None, int] = {}  # label -> its place in the turns
+    taken: dict[str | None, int] = {}  # label -> how many of it so far
+    turns = []
+    for d in demos:
+        label = label_of(task, d)
+        lane.setdefault(label, len(lane))
+        taken[label] = taken.get(label, 0) + 1
+        turns.append((taken[label], lane[label]))
+    order = sorted(range(len(demos)), key=turns.__getitem__)
+    rank = [0] * len(demos)
+    for r, i in enumerate(order):
+        rank[i] = r
+    return rank
 
 
 def prior_of(scores: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -143,21 +153,6 @@ def _retrieved_scores(lm: LM, task: Task, params: Mapping[str, Tensor] | None, r
     keep = sorted(done)
     return DemoScores([demos[i] for i in keep], list(task.options or []), sums[keep], lengths[keep])
 
-
-def round_robin(task: Task, demos: Sequence[Example]) -> list[int]:
-    """Each demonstration's turn when the labels take turns (the first of each label, then the
-    second of each, ...)."""
-    seen: dict[str | None, int] = {}
-    turns = []
-    for d in demos:
-        label = label_of(task, d)
-        turns.append(seen.get(label, 0))
-        seen[label] = turns[-1] + 1
-    order = sorted(range(len(demos)), key=lambda i: (turns[i], i))
-    rank = [0] * len(demos)
-    for r, i in enumerate(order):
-        rank[i] = r
-    return rank
 
 
 def option_prior(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe: Recipe,

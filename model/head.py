@@ -12,9 +12,6 @@ from typing import Any
 
 from model.task import Task
 
-# An option of the task that no demonstration shows gets the row's lowest log-probability: the
-# head neither rules it out nor favours it over what it has seen.
-
 
 @dataclass(frozen=True)
 class Head:
@@ -52,7 +49,8 @@ class Head:
         return cls(pipeline, tuple(pipeline.classes_))
 
     def log_probs(self, inputs: Sequence[str], options: Sequence[str]) -> list[dict[str, float]]:
-        """Per input, each option's log-probability under the head."""
+        """Per input, each option's log-probability under the head. An option no demonstration
+        shows gets the row's lowest: the head neither rules it out nor favours it over what it saw."""
         out: list[dict[str, float]] = []
         for row in self.pipeline.predict_proba(list(inputs)) if inputs else []:
             seen = {c: math.log(max(p, 1e-12)) for c, p in zip(self.classes, row)}

@@ -260,7 +260,7 @@ class Runtime:
         per_query = query_rows(self.fmt, task, queries, n_new)  # encoded once: they size the prefix, then are scored
         rows = [r for rs in per_query for r in rs]
         if recipe.head and not entry.head_fit:
-            entry.head, entry.head_fit = Head.fit(task), True
+            entry.head, entry.head_fit = Head.fit(task, rec.get("seed", 0)), True  # the adaptation's seed
         if self._retrieving(entry, task, recipe, rows):  # a prefix per chosen set, built by predict
             return predict(self.lm, task, queries, params=entry.params or None, recipe=recipe, prior=entry.prior,
                            fmt=self.fmt, max_new_tokens=n_new, embeddings=entry.embeddings, rows=per_query,
