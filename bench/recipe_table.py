@@ -14,6 +14,7 @@ The last line printed is JSON: {"rows": N, "best": {...}, "against": {...}}.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -69,11 +70,12 @@ def versus(a: list[dict], b: list[dict]) -> dict:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    against = None
-    if args[:1] == ["--against"]:
-        against, args = args[1], args[2:]
-    entries = [e for p in args for e in load(Path(p))]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("journals", nargs="+", type=Path, help="bench/adapt_quality.py journal.jsonl files")
+    parser.add_argument("--against", help="a row's 'variant|hash', or a variant name: paired differences from it")
+    args = parser.parse_args()
+    against = args.against
+    entries = [e for p in args.journals for e in load(p)]
     icl = {}
     groups: dict[str, list[dict]] = defaultdict(list)
     for e in entries:
