@@ -154,7 +154,6 @@ def _retrieved_scores(lm: LM, task: Task, params: Mapping[str, Tensor] | None, r
     return DemoScores([demos[i] for i in keep], list(task.options or []), sums[keep], lengths[keep])
 
 
-
 def option_prior(lm: LM, task: Task, params: Mapping[str, Tensor] | None, recipe: Recipe,
                  fmt: Formatter | None = None, embeddings: Tensor | None = None,
                  deadline: float | None = None) -> dict[str, float] | None:

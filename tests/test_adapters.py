@@ -16,7 +16,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from conftest import auth, sentiment, wait_status
+from model.head import Head, combine
 from model.prompts import Formatter
+from model.task import Example, Task
 from model.tiny import tiny_config, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -62,7 +64,6 @@ def scores_of(model, tokenizer, info: dict, demos: list[dict], inputs=INPUTS) ->
     with the bag-of-words head the recipe names (fit on the demonstrations: no weights to export)."""
     fmt = Formatter(lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], info["prompt_format"])
     recipe, prior = info["recipe"], info["prior"] or {}
-    from model.task import Example
 
     shown = demos if recipe["predict_demos"] is None else demos[: recipe["predict_demos"]]
     out = []
@@ -78,12 +79,13 @@ def scores_of(model, tokenizer, info: dict, demos: list[dict], inputs=INPUTS) ->
             got[o] = (lp / len(r.target) if recipe["length_norm"] else lp) - prior.get(o, 0.0)
         out.append(got)
     if recipe.get("head"):
-        from model.head import Head, combine
-        from model.task import Task
-
-        head = Head.fit(Task(demonstrations=demos, options=info["options"]))
-        out = [combine(got, lp, recipe["head"]) for got, lp in zip(out, head.log_probs(inputs, info["options"]))]
+        out = [combine(got, lp, recipe["head"]) for got, lp in zip(out, head_log_probs(demos, info["options"], inputs))]
     return out
+
+
+def head_log_probs(demos: list[dict], options: list[str], inputs=INPUTS) -> list[dict[str, float]]:
+    """The bag-of-words head the service fits on the demonstrations (it exports no weights), on `inputs`."""
+    return Head.fit(Task(demonstrations=demos, options=options)).log_probs(inputs, options)
 
 
 def close(a: list[dict[str, float]], b: list[dict[str, float]]) -> bool:
@@ -225,10 +227,7 @@ def test_a_peft_adapter_of_lower_rank_on_fewer_layers_is_served_exactly(client, 
     # The service subtracts the prior it calibrated with this adapter on the demonstrations and adds
     # the head (model.head.combine): with the adapter's weights served exactly, the margin between
     # the options, less the head's, differs from the plain model's by the prior's, the same for every input.
-    from model.head import Head
-    from model.task import Task
-
-    head = Head.fit(Task(demonstrations=body["demonstrations"], options=OPTIONS)).log_probs(INPUTS, OPTIONS)
+    head = head_log_probs(body["demonstrations"], OPTIONS)
     w = task["recipe"]["head"]
     margin = lambda d: d["positive"] - d["negative"]  # noqa: E731
     shifts = [margin(o) - w * margin(h) - margin(t) for o, h, t in zip(ours, head, theirs)]
